@@ -1,0 +1,67 @@
+"""current_task(): what a running task can learn about itself and report."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._manager import BackgroundTaskManager
+    from ._task import Task
+
+__all__ = ["TaskContext", "current_task"]
+
+_current: ContextVar[tuple[Task, BackgroundTaskManager]] = ContextVar("background_task")
+
+
+class TaskContext:
+    """The running task, as seen from inside it."""
+
+    __slots__ = ("_manager", "_task")
+
+    def __init__(self, task: Task, manager: BackgroundTaskManager) -> None:
+        self._task = task
+        self._manager = manager
+
+    @property
+    def id(self) -> str:
+        return self._task.id
+
+    @property
+    def name(self) -> str:
+        return self._task.name
+
+    @property
+    def attempt(self) -> int:
+        """The number of this attempt, 1 for the first."""
+        return self._task.attempts
+
+    @property
+    def queue(self) -> str:
+        return self._task.queue
+
+    async def report_progress(
+        self, fraction: float | None = None, message: str | None = None
+    ) -> None:
+        """Publish how far the task has got; shown in ``TaskRecord.progress``."""
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+                raise TypeError(f"progress fraction must be a number, got {fraction!r}")
+            if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"progress fraction must be in [0, 1], got {fraction!r}")
+            fraction = float(fraction)
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"progress message must be a str, got {message!r}")
+        self._task.progress = (fraction, message, time.time())
+        await self._manager._progress(self._task)
+
+
+def current_task() -> TaskContext:
+    """The task whose attempt is running in this context; RuntimeError outside a task."""
+    try:
+        task, manager = _current.get()
+    except LookupError:
+        raise RuntimeError("current_task() was called outside a background task") from None
+    return TaskContext(task, manager)

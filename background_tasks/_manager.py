@@ -1,0 +1,820 @@
+"""BackgroundTaskManager: lifecycle, submit/get/list/cancel/requeue.
+
+``_apply`` is the only place that changes a task's status: it checks the transition
+table, writes the journal (when there is one) before the change takes effect, updates the
+in-memory state, and emits one event.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+import anyio
+
+from . import _durable
+from ._errors import (
+    InvalidTransition,
+    ManagerNotRunning,
+    QueueFull,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+)
+from ._events import debug_enabled, log, warning_enabled
+from ._handle import TaskHandle
+from ._ids import new_id
+from ._models import ErrorInfo, TaskRecord, TransitionRecord, dumps
+from ._queue import ReadyQueue
+from ._registry import RegisteredTask, TaskRegistry, is_async_callable
+from ._retry import RetryPolicy
+from ._states import TaskStatus, check_transition
+from ._task import Task
+from ._validate import check_delay, check_priority, check_retry, check_timeout
+from ._worker import worker_loop
+from .journal._protocol import Journal
+
+__all__ = ["BackgroundTaskManager", "Statistics"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
+COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
+_WAITING = frozenset({PENDING, RETRYING})
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Counts by status of the tasks this manager has handled, and its queue right now."""
+
+    pending: int
+    running: int
+    retrying: int
+    completed: int
+    failed: int
+    cancelled: int
+    queued: int  # waiting to run here (ready or delayed)
+    by_status: dict[TaskStatus, int] = field(default_factory=dict)
+
+    def __getitem__(self, name: str | TaskStatus) -> int:
+        return int(getattr(self, TaskStatus(name).value if isinstance(name, TaskStatus) else name))
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class BackgroundTaskManager:
+    """Runs ``async def`` functions in the background of this process, within bounds.
+
+    Use it as ``async with manager:`` (or ``FastAPI(lifespan=manager.lifespan)``); leaving
+    the block shuts down gracefully: intake stops, running attempts get ``shutdown_timeout``
+    seconds, then are cancelled.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int = 10,
+        queues: Mapping[str, int] | None = None,
+        journal: Journal | None = None,
+        default_timeout: float | None = None,
+        default_retry: RetryPolicy | None = None,
+        max_pending: int | None = None,
+        shutdown_timeout: float = 10.0,
+        keep_finished: int = 10_000,
+        max_recoveries: int = 5,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self.max_concurrency: int = _check_int("max_concurrency", max_concurrency, 1)  # type: ignore[assignment]
+        if queues is not None:
+            if not isinstance(queues, Mapping):
+                raise ValueError(f"queues must be a mapping of queue name to limit, got {queues!r}")
+            for name, limit in queues.items():
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"queue names must be non-empty strings, got {name!r}")
+                _check_int(f"the limit of queue {name!r}", limit, 1)
+        self.queues: dict[str, int] | None = dict(queues) if queues is not None else None
+        if journal is not None and not isinstance(journal, Journal):
+            raise ValueError(f"journal must be a journal (SQLiteJournal, ...), got {journal!r}")
+        self.journal = journal
+        self.default_timeout = check_timeout(default_timeout, "default_timeout")
+        self.default_retry = check_retry(default_retry, "default_retry")
+        self.max_pending = _check_int("max_pending", max_pending, 1, optional=True)
+        if (
+            isinstance(shutdown_timeout, bool)
+            or not isinstance(shutdown_timeout, int | float)
+            or (math.isnan(shutdown_timeout) or shutdown_timeout < 0)
+        ):
+            raise ValueError(
+                f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}"
+            )
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.keep_finished: int = _check_int("keep_finished", keep_finished, 0)  # type: ignore[assignment]
+        self.max_recoveries: int = _check_int("max_recoveries", max_recoveries, 0)  # type: ignore[assignment]
+        if not isinstance(poll_interval, int | float) or not 0 < poll_interval <= 1:
+            raise ValueError(f"poll_interval must be in (0, 1] seconds, got {poll_interval!r}")
+        self.poll_interval = float(poll_interval)
+
+        self.registry = TaskRegistry()
+        self.registry._manager = self
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
+        self._tasks: dict[str, Task] = {}  # live tasks, and finished ones kept for get/list
+        self._finished: OrderedDict[str, None] = OrderedDict()  # retention order
+        self._keys: dict[str, Task] = {}  # idempotency keys of unfinished tasks
+        self._counts = dict.fromkeys(TaskStatus, 0)
+        self._queue = ReadyQueue(self.queues or {})
+        self._idle: list[anyio.Event] = []
+        self._running_tasks: set[Task] = set()
+        self._remote_waiters: dict[str, anyio.Event] = {}
+        self._state = "new"  # new -> running -> closing -> closed (-> running again)
+        self._closing = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._timer_wake: anyio.Event | None = None
+        self._workers_left = 0
+        self._workers_done: anyio.Event | None = None
+        self._cursor = 0
+
+    # ---------------------------------------------------------------- registration
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> RegisteredTask[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], RegisteredTask[P, R]]: ...
+
+    def task(  # type: ignore[misc]  # mypy mistakes the ParamSpec in overload 2's return
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Register an ``async def`` function as a task (needed to journal it)."""
+        if queue is not None:
+            self._check_queue(queue)
+        return self.registry.task(
+            fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
+        )
+
+    def include(self, registry: TaskRegistry) -> None:
+        """Adopt the tasks of a standalone ``TaskRegistry`` (and bind their ``.submit``)."""
+        for name, registered in registry.tasks.items():
+            if name in self.registry.tasks and self.registry.tasks[name] is not registered:
+                raise ValueError(f"a task named {name!r} is already registered")
+            if registered.options_["queue"] is not None:
+                self._check_queue(registered.options_["queue"])
+            self.registry.tasks[name] = registered
+        registry._manager = self
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    async def __aenter__(self) -> BackgroundTaskManager:
+        if self._state in ("running", "closing"):
+            raise RuntimeError("this manager is already running")
+        self._closing = False
+        self._idle.clear()
+        if self.journal is not None:
+            await self.journal.open(self.owner)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            if self.journal is not None:
+                await _durable.recover(self, self.journal)
+                tg.start_soon(_durable.serve, self, self.journal)
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            await self.journal.close()  # type: ignore[union-attr]
+            raise
+        self._workers_left = self.max_concurrency
+        self._workers_done = anyio.Event()
+        for _ in range(self.max_concurrency):
+            tg.start_soon(self._worker)
+        tg.start_soon(self._timer)
+        self._state = "running"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Shut down gracefully (what leaving ``async with`` does)."""
+        if self._state != "running":
+            return
+        self._state = "closing"
+        tg = self._tg
+        assert tg is not None
+        assert self._workers_done is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                self._closing = True
+                self._wake(len(self._idle))
+                with anyio.move_on_after(self.shutdown_timeout):
+                    await self._workers_done.wait()
+                for task in list(self._running_tasks):
+                    task.interrupted = True
+                    if task.scope is not None:
+                        task.scope.cancel()
+                await self._workers_done.wait()
+                await self._drop_waiting()
+        finally:
+            tg.cancel_scope.cancel()
+            try:
+                await tg.__aexit__(None, None, None)
+            finally:
+                self._tg = None
+                self._state = "closed"
+                for event in self._remote_waiters.values():
+                    event.set()
+                self._remote_waiters.clear()
+                if self.journal is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.journal.close()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A FastAPI/Starlette lifespan: ``FastAPI(lifespan=manager.lifespan)``."""
+        async with self:
+            yield
+
+    async def _worker(self) -> None:
+        try:
+            await worker_loop(self)
+        finally:
+            self._workers_left -= 1
+            if self._workers_left == 0 and self._workers_done is not None:
+                self._workers_done.set()
+
+    async def _timer(self) -> None:
+        """Move delayed tasks (delays, retry backoff) to the ready heaps when they are due."""
+        queue = self._queue
+        while True:
+            now = anyio.current_time()
+            moved = queue.promote(now)
+            if moved:
+                self._wake(moved)
+            due = queue.next_due()
+            wake = self._timer_wake = anyio.Event()
+            with anyio.move_on_after(math.inf if due is None else due - now):
+                await wake.wait()
+
+    def _wake(self, n: int) -> None:
+        idle = self._idle
+        while n > 0 and idle:
+            idle.pop().set()
+            n -= 1
+
+    def _enqueue(self, task: Task, scheduled_at: float) -> None:
+        wait = scheduled_at - time.time()
+        if wait <= 0:
+            self._queue.push(task)
+            if self._idle:
+                self._idle.pop().set()
+        elif self._queue.push_delayed(task, anyio.current_time() + wait) and self._timer_wake:
+            self._timer_wake.set()
+
+    async def _drop_waiting(self) -> None:
+        """At exit: without a journal, tasks that never ran end CANCELLED; with one, they
+        stay PENDING on disk for the next start and are only forgotten here."""
+        for task in [t for t in self._tasks.values() if t.status in _WAITING]:
+            self._queue.discard(task)
+            if self.journal is None:
+                await self._apply(task, CANCELLED)
+            else:
+                self._forget(task)
+
+    # ---------------------------------------------------------------- submitting
+
+    @overload
+    async def submit(
+        self,
+        fn: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        key: str | None = None,
+    ) -> TaskHandle[Any]: ...
+
+    @overload
+    async def submit(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, R]],
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        key: str | None = None,
+    ) -> TaskHandle[R]: ...
+
+    async def submit(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        key: str | None = None,
+    ) -> TaskHandle[Any]:
+        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal)."""
+        if self._state != "running":
+            raise ManagerNotRunning()
+        registered = self._resolve(fn)
+        options = registered.options_ if registered is not None else None
+        if kwargs is None:
+            kwargs = {}
+        elif not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(f"kwargs must be a dict with str keys, got {kwargs!r}")
+        if queue is None:
+            queue = options["queue"] if options and options["queue"] else "default"
+        else:
+            self._check_queue(queue)
+        if priority is None:
+            priority = options["priority"] if options and options["priority"] is not None else 0
+        else:
+            check_priority(priority)
+        wait = check_delay(delay)
+        timeout = check_timeout(timeout, "timeout")
+        if timeout is None:
+            timeout = (
+                options["timeout"]
+                if options and options["timeout"] is not None
+                else self.default_timeout
+            )
+        retry = check_retry(retry, "retry")
+        if retry is None:
+            retry = (
+                options["retry"] if options and options["retry"] is not None else self.default_retry
+            )
+        if key is not None:
+            if not isinstance(key, str):
+                raise TypeError(f"key must be a str, got {key!r}")
+            existing = self._keys.get(key)
+            if existing is not None:
+                return TaskHandle(self, existing.id, existing)
+        if self.max_pending is not None and (
+            self._counts[PENDING] + self._counts[RETRYING] >= self.max_pending
+        ):
+            raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+
+        now = time.time()
+        task = Task(
+            new_id(),
+            registered.name if registered is not None else getattr(fn, "__qualname__", repr(fn)),
+            registered.fn if registered is not None else fn,  # type: ignore[arg-type]
+            args,
+            kwargs,
+            queue,
+            priority,
+            key,
+            None if timeout == math.inf else timeout,
+            retry,
+            now,
+            now + wait,
+        )
+        if self.journal is not None:
+            if registered is None:
+                raise TypeError(
+                    f"{fn!r} is not a registered task: with a journal, register it with "
+                    "@manager.task so that a restarted process can find it by name"
+                )
+            stored = await self.journal.insert(_durable.new_row(task))
+            if self._state != "running":  # shut down while the insert was in flight
+                raise ManagerNotRunning()
+            if stored.id != task.id:  # an unfinished task with this key exists elsewhere
+                return TaskHandle(self, stored.id, self._tasks.get(stored.id))
+        self._tasks[task.id] = task
+        self._counts[PENDING] += 1
+        if key is not None:
+            self._keys[key] = task
+        if debug_enabled():
+            log.debug("task_submitted", task_id=task.id, name=task.name, queue=queue, attempt=0)
+        self._enqueue(task, task.scheduled_at)
+        return TaskHandle(self, task.id, task)
+
+    def _resolve(self, fn: object) -> RegisteredTask[Any, Any] | None:
+        if isinstance(fn, RegisteredTask):
+            if self.registry.tasks.get(fn.name) is not fn:
+                raise ValueError(
+                    f"task {fn.name!r} is registered on another manager or registry; "
+                    "include it with manager.include(registry)"
+                )
+            return fn
+        if isinstance(fn, str):
+            found = self.registry.tasks.get(fn)
+            if found is None:
+                names = ", ".join(sorted(self.registry.tasks)) or "none"
+                raise ValueError(
+                    f"no task is registered under the name {fn!r} (registered: {names})"
+                )
+            return found
+        if not is_async_callable(fn):
+            raise TypeError(
+                f"{fn!r} is not an async def function (or a registered task, or its name)"
+            )
+        return None
+
+    def _check_queue(self, queue: object) -> None:
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"queue must be a non-empty str, got {queue!r}")
+        if self.queues is not None and queue != "default" and queue not in self.queues:
+            names = ", ".join(["default", *sorted(self.queues)])
+            raise ValueError(f"unknown queue {queue!r}: this manager has {names}")
+
+    # ---------------------------------------------------------------- queries and actions
+
+    def handle(self, task_id: str) -> TaskHandle[Any]:
+        """A handle for any task id (awaiting it raises TaskNotFound if the id is unknown)."""
+        return TaskHandle(self, task_id, self._tasks.get(task_id))
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        task = self._tasks.get(task_id)
+        if task is not None and not task.remote:
+            return task.record()
+        if self.journal is not None and self._state == "running":
+            row = await self.journal.get(task_id)
+            return None if row is None else _durable.record(row)
+        return None
+
+    async def list(
+        self,
+        status: TaskStatus | str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[TaskRecord]:
+        """Records, newest first, filtered by status, queue and name."""
+        wanted = (
+            None
+            if status is None
+            else TaskStatus(status.lower() if isinstance(status, str) else status)
+        )
+        limit_ = _check_int("limit", limit, 0)
+        assert limit_ is not None
+        if self.journal is not None and self._state == "running":
+            rows = await self.journal.list(status=wanted, queue=queue, name=name, limit=limit_)
+            return [_durable.record(row) for row in rows]
+        out: builtins.list[TaskRecord] = []
+        for task in reversed(self._tasks.values()):
+            if len(out) >= limit_:
+                break
+            if (
+                (wanted is None or task.status is wanted)
+                and (queue is None or task.queue == queue)
+                and (name is None or task.name == name)
+            ):
+                out.append(task.record())
+        return out
+
+    async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
+        """The journaled transitions of a task, oldest first (empty without a journal)."""
+        if self.journal is None or self._state != "running":
+            return []
+        return await self.journal.history(task_id)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a pending, retrying or running task; False if finished or unknown."""
+        task = self._tasks.get(task_id)
+        if task is None or task.remote:
+            if self.journal is None or self._state != "running":
+                return False
+            return await _durable.cancel_elsewhere(self, self.journal, task_id)
+        if task.status.is_terminal:
+            return False
+        task.cancel_requested = True
+        if task.status is RUNNING:
+            if task.scope is not None:
+                task.scope.cancel()
+            await self._outcome_settled(task)
+        elif not task.busy:  # else the write in flight sees the flag and cancels after it
+            self._queue.discard(task)
+            if not await self._apply(task, CANCELLED):
+                return await self.cancel(task_id)  # it moved on meanwhile: try again
+        return True
+
+    async def requeue(self, task_id: str) -> TaskRecord:
+        """Put a FAILED or CANCELLED task back to PENDING with a fresh set of attempts."""
+        if self._state != "running":
+            raise ManagerNotRunning()
+        task = self._tasks.get(task_id)
+        if task is None or task.remote:
+            if self.journal is None:
+                raise TaskNotFound(task_id)
+            row = await _durable.requeue_row(self.journal, self.owner, task_id)
+            if row.id not in self._tasks:
+                adopted = _durable.adopt(self, row)
+                if adopted is not None:
+                    self._enqueue(adopted, row.scheduled_at)
+            return _durable.record(row)
+        if task.status not in (FAILED, CANCELLED):
+            raise InvalidTransition(
+                "only failed or cancelled tasks can be requeued; "
+                f"task {task_id} is {task.status.value}"
+            )
+        if task.key is not None and self._keys.get(task.key, task) is not task:
+            raise InvalidTransition(f"another unfinished task holds the key {task.key!r}")
+        self._finished.pop(task.id, None)
+        if not await self._apply(task, PENDING):
+            raise InvalidTransition(f"task {task_id} changed while being requeued; try again")
+        self._tasks[task.id] = task
+        self._enqueue(task, task.scheduled_at)
+        return task.record()
+
+    async def purge(self, older_than: float | timedelta) -> int:
+        """Delete finished tasks that finished more than ``older_than`` ago."""
+        age = check_delay(older_than)
+        cutoff = time.time() - age
+        if self.journal is not None and self._state == "running":
+            return await self.journal.purge(cutoff)
+        old = [i for i in self._finished if (self._tasks[i].finished_at or 0) < cutoff]
+        for task_id in old:
+            del self._finished[task_id]
+            del self._tasks[task_id]
+        return len(old)
+
+    def statistics(self) -> Statistics:
+        counts = self._counts
+        return Statistics(
+            pending=counts[PENDING],
+            running=counts[RUNNING],
+            retrying=counts[RETRYING],
+            completed=counts[COMPLETED],
+            failed=counts[FAILED],
+            cancelled=counts[CANCELLED],
+            queued=self._queue.size,
+            by_status=dict(counts),
+        )
+
+    # ---------------------------------------------------------------- outcomes
+
+    async def _outcome(self, task_id: str, task: Task | None) -> Any:
+        """The result of a task, waiting for it; the body of ``await handle``."""
+        while True:
+            if task is None:
+                task = self._tasks.get(task_id)
+            if task is not None and not task.remote:
+                if task.status.is_terminal:
+                    return _result_of(task_id, task.status, task.result, task.error, task.exc)
+                if self._state != "running":
+                    raise ManagerNotRunning(f"the manager stopped before task {task_id} finished")
+                event = task.waiters
+                if event is None:
+                    event = task.waiters = anyio.Event()
+                await event.wait()
+                continue
+            if self.journal is None:
+                raise TaskNotFound(task_id)
+            if self._state != "running":
+                raise ManagerNotRunning(
+                    f"the manager is not running; cannot wait for task {task_id}"
+                )
+            event = self._remote_waiters.get(task_id)
+            if event is None:
+                event = self._remote_waiters[task_id] = anyio.Event()
+            row = await self.journal.get(task_id)
+            if row is None:
+                raise TaskNotFound(task_id)
+            if row.status.is_terminal:
+                rec = _durable.record(row)
+                exc = task.exc if task is not None else None
+                return _result_of(task_id, rec.status, rec.result, rec.error, exc)
+            await event.wait()
+            task = None
+
+    async def _outcome_settled(self, task: Task) -> None:
+        while task.status is RUNNING and not task.remote and self._state != "closed":
+            event = task.waiters
+            if event is None:
+                event = task.waiters = anyio.Event()
+            await event.wait()
+
+    # ---------------------------------------------------------------- the one writer
+
+    async def _claim(self, task: Task) -> bool:
+        if task.status not in _WAITING or task.remote:
+            return False
+        if not await self._apply(task, RUNNING):
+            return False
+        self._running_tasks.add(task)
+        return True
+
+    async def _finish(
+        self,
+        task: Task,
+        target: TaskStatus,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        retry_at: float = 0.0,
+    ) -> None:
+        """Record how a claimed attempt ended (COMPLETED, FAILED, RETRYING, CANCELLED)."""
+        self._running_tasks.discard(task)
+        if task.status is RUNNING:
+            await self._apply(task, target, result=result, error=error, retry_at=retry_at)
+        elif task.status in _WAITING and target is CANCELLED:  # cancelled before it ran
+            await self._apply(task, target)
+        if task.status is RETRYING and not task.remote:
+            if task.cancel_requested:
+                await self._apply(task, CANCELLED)
+            else:
+                self._enqueue(task, task.scheduled_at)
+
+    async def _interrupt(self, task: Task) -> None:
+        """An attempt cut short by shutdown: back to PENDING (journal) or CANCELLED (memory)."""
+        self._running_tasks.discard(task)
+        if self.journal is None:
+            await self._apply(task, CANCELLED)
+        elif task.recoveries >= self.max_recoveries:
+            error = RuntimeError(
+                f"task {task.id} was interrupted more than "
+                f"max_recoveries={self.max_recoveries} times"
+            )
+            await self._apply(task, FAILED, error=error)
+        else:
+            await self._apply(task, PENDING)
+
+    async def _apply(
+        self,
+        task: Task,
+        target: TaskStatus,
+        *,
+        result: Any = _UNSET,
+        error: BaseException | None = None,
+        retry_at: float = 0.0,
+    ) -> bool:
+        """Change a task's status: the table, then the journal, then memory, then one event.
+
+        False when the journal refused the change because another manager sharing it got
+        there first; the task is then theirs and is dropped from this one.
+        """
+        source = task.status
+        check_transition(source, target)
+        now = time.time()
+        info = None if error is None else ErrorInfo.from_exception(error)
+        journal = self.journal
+        if journal is not None:
+            change = _durable.change(self, task, target, now, result, info, retry_at)
+            task.busy = True
+            try:
+                row = await journal.apply(change)
+            finally:
+                task.busy = False
+            if row is None:
+                self._lose(task)
+                return False
+            task.version = row.version
+        counts = self._counts
+        counts[source] -= 1
+        counts[target] += 1
+        task.status = target
+        if target is RUNNING:
+            task.attempts += 1
+            if task.started_at is None:
+                task.started_at = now
+        elif target is RETRYING:
+            task.error, task.exc = info, error
+            task.scheduled_at = retry_at
+        elif target is PENDING:
+            if source is RUNNING:
+                task.recoveries += 1
+            else:  # requeue: a fresh start
+                task.attempts = task.recoveries = 0
+                task.result = task.error = task.exc = task.progress = None
+                task.started_at = task.finished_at = None
+                task.cancel_requested = False
+                task.scheduled_at = now
+                if task.key is not None:
+                    self._keys[task.key] = task
+        else:  # terminal
+            task.finished_at = now
+            if target is COMPLETED:
+                task.result = result
+            elif target is FAILED:
+                task.error, task.exc = info, error
+            self._settle(task)
+        if task.waiters is not None and target is not RUNNING:
+            task.waiters.set()
+            task.waiters = None
+        if target is FAILED or target is RETRYING:
+            if warning_enabled():
+                log.warning(
+                    "task_transition",
+                    task_id=task.id,
+                    name=task.name,
+                    queue=task.queue,
+                    attempt=task.attempts,
+                    error=info.message if info else None,
+                    error_type=info.type if info else None,
+                    **{"from": source.value, "to": target.value},
+                )
+        elif debug_enabled():
+            log.debug(
+                "task_transition",
+                task_id=task.id,
+                name=task.name,
+                queue=task.queue,
+                attempt=task.attempts,
+                **{"from": source.value, "to": target.value},
+            )
+        return True
+
+    def _settle(self, task: Task) -> None:
+        """Bookkeeping for a task that just finished: keys, waiters by id, retention."""
+        if task.key is not None and self._keys.get(task.key) is task:
+            del self._keys[task.key]
+        event = self._remote_waiters.pop(task.id, None) if self._remote_waiters else None
+        if event is not None:
+            event.set()
+        if self.journal is not None:
+            self._tasks.pop(task.id, None)  # the journal keeps it; handles keep their own
+            return
+        finished = self._finished
+        finished[task.id] = None
+        while len(finished) > self.keep_finished:
+            old, _ = finished.popitem(last=False)
+            self._tasks.pop(old, None)
+
+    def _forget(self, task: Task) -> None:
+        """Drop a journaled task from this process's memory (the journal still has it)."""
+        self._tasks.pop(task.id, None)
+        self._counts[task.status] -= 1
+        if task.key is not None and self._keys.get(task.key) is task:
+            del self._keys[task.key]
+
+    def _lose(self, task: Task) -> None:
+        """Another manager changed this task first: it is no longer ours to run or finish."""
+        self._queue.discard(task)
+        self._running_tasks.discard(task)
+        self._forget(task)
+        task.remote = True
+        if task.waiters is not None:  # awaiters switch to watching the journal
+            task.waiters.set()
+            task.waiters = None
+
+    async def _progress(self, task: Task) -> None:
+        if self.journal is not None and task.progress is not None:
+            fraction, message, at = task.progress
+            text = dumps({"fraction": fraction, "message": message, "updated_at": at}, "progress")
+            await self.journal.set_progress(task.id, self.owner, task.version, text)
+
+
+def _result_of(
+    task_id: str,
+    status: TaskStatus,
+    result: Any,
+    error: ErrorInfo | None,
+    exc: BaseException | None,
+) -> Any:
+    if status is COMPLETED:
+        return result
+    if status is CANCELLED:
+        raise TaskCancelled(task_id)
+    failure = TaskFailed(task_id, error or ErrorInfo(type="unknown", message="unknown error"))
+    raise failure from exc

@@ -1,0 +1,147 @@
+"""Registered tasks: a name a journal can store, defaults, and typed ``.submit``.
+
+``@manager.task`` registers on a manager directly; a ``TaskRegistry`` collects tasks at
+import time without a manager (like FastAPI's ``APIRouter``) and is bound later with
+``manager.include(registry)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from ._handle import TaskHandle
+    from ._manager import BackgroundTaskManager
+    from ._retry import RetryPolicy
+
+__all__ = ["RegisteredTask", "TaskOptions", "TaskRegistry", "is_async_callable"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+class RegisteredTask(Generic[P, R]):
+    """An ``async def`` function registered under a name; call it to run it inline."""
+
+    __slots__ = ("__wrapped__", "fn", "name", "options_", "registry")
+
+    def __init__(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, R]],
+        name: str,
+        registry: TaskRegistry,
+        options: dict[str, Any],
+    ) -> None:
+        self.fn = fn
+        self.__wrapped__ = fn
+        self.name = name
+        self.registry = registry
+        self.options_ = options  # timeout, retry, queue, priority defaults
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RegisteredTask {self.name!r}>"
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Submit with the task's defaults; use ``.options(...)`` to set submit options."""
+        return await self.registry.manager.submit(self, *args, kwargs=kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        key: str | None = None,
+    ) -> TaskOptions[P, R]:
+        return TaskOptions(
+            self,
+            {
+                "queue": queue,
+                "priority": priority,
+                "delay": delay,
+                "timeout": timeout,
+                "retry": retry,
+                "key": key,
+            },
+        )
+
+
+class TaskOptions(Generic[P, R]):
+    """A registered task with submit options bound: ``task.options(priority=5).submit(...)``."""
+
+    __slots__ = ("_options", "_task")
+
+    def __init__(self, task: RegisteredTask[P, R], options: dict[str, Any]) -> None:
+        self._task = task
+        self._options = options
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        return await self._task.registry.manager.submit(
+            self._task, *args, kwargs=kwargs, **self._options
+        )
+
+
+class TaskRegistry:
+    """Tasks by name. Every manager has one; standalone ones are bound with ``include``."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, RegisteredTask[Any, Any]] = {}
+        self._manager: BackgroundTaskManager | None = None
+
+    @property
+    def manager(self) -> BackgroundTaskManager:
+        if self._manager is None:
+            raise RuntimeError(
+                "this task registry is not bound to a manager: call manager.include(registry)"
+            )
+        return self._manager
+
+    def task(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, R]] | None = None,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Register an ``async def`` function: ``@registry.task`` or ``@registry.task(...)``."""
+        from ._validate import check_priority, check_retry, check_timeout
+
+        options = {
+            "timeout": check_timeout(timeout, "timeout"),
+            "retry": check_retry(retry, "retry"),
+            "queue": queue,
+            "priority": None if priority is None else check_priority(priority),
+        }
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise ValueError(f"queue must be a non-empty str, got {queue!r}")
+
+        def register(f: Callable[P, Coroutine[Any, Any, R]]) -> RegisteredTask[P, R]:
+            if not is_async_callable(f):
+                raise TypeError(f"{f!r} is not an async def function; only those can be tasks")
+            task_name = name if name is not None else getattr(f, "__qualname__", repr(f))
+            if not isinstance(task_name, str) or not task_name:
+                raise ValueError(f"task name must be a non-empty str, got {task_name!r}")
+            if task_name in self.tasks and self.tasks[task_name].fn is not f:
+                raise ValueError(f"a task named {task_name!r} is already registered")
+            registered = RegisteredTask(f, task_name, self, options)
+            self.tasks[task_name] = registered
+            return registered
+
+        return register if fn is None else register(fn)

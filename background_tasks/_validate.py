@@ -1,0 +1,51 @@
+"""Argument checks shared by the manager, registered tasks and submit, so every bad value
+gets the same clear error at the earliest point."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+from ._retry import RetryPolicy
+
+__all__ = ["check_delay", "check_priority", "check_retry", "check_timeout"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_timeout(value: Any, what: str) -> float | None:
+    """None, or seconds > 0 (math.inf means no timeout)."""
+    if value is None:
+        return None
+    if not _is_number(value) or math.isnan(value) or value <= 0:
+        raise ValueError(f"{what} must be a number of seconds > 0 (or None), got {value!r}")
+    return float(value)
+
+
+def check_retry(value: Any, what: str) -> RetryPolicy | None:
+    if value is not None and not isinstance(value, RetryPolicy):
+        raise TypeError(f"{what} must be a RetryPolicy or None, got {value!r}")
+    return value
+
+
+def check_priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"priority must be an int, got {value!r}")
+    return value
+
+
+def check_delay(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif _is_number(value) and not math.isnan(value):
+        seconds = float(value)
+    else:
+        raise TypeError(f"delay must be seconds or a timedelta, got {value!r}")
+    if seconds < 0 or math.isinf(seconds):
+        raise ValueError(f"delay must be finite and >= 0, got {value!r}")
+    return seconds
