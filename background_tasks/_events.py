@@ -20,8 +20,11 @@ log: Any = structlog.wrap_logger(_stdlib, wrapper_class=structlog.stdlib.BoundLo
 
 
 def debug_enabled() -> bool:
-    return _stdlib.isEnabledFor(logging.DEBUG)
+    return _is_enabled(logging.DEBUG)
 
 
 def warning_enabled() -> bool:
-    return _stdlib.isEnabledFor(logging.WARNING)
+    return _is_enabled(logging.WARNING)
+
+
+_is_enabled = _stdlib.isEnabledFor  # logging caches the answer; skip one attribute lookup

@@ -38,7 +38,7 @@ from ._models import ErrorInfo, TaskRecord, TransitionRecord, dumps
 from ._queue import ReadyQueue
 from ._registry import RegisteredTask, TaskRegistry, is_async_callable
 from ._retry import RetryPolicy
-from ._states import TaskStatus, check_transition
+from ._states import TRANSITIONS, TaskStatus, check_transition
 from ._task import Task
 from ._validate import check_delay, check_priority, check_retry, check_timeout
 from ._worker import worker_loop
@@ -52,7 +52,7 @@ R = TypeVar("R")
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 _WAITING = frozenset({PENDING, RETRYING})
-_UNSET: Any = object()
+_NO_DEFAULTS: dict[str, Any] = {"queue": None, "priority": None, "timeout": None, "retry": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +149,8 @@ class BackgroundTaskManager:
         self._workers_left = 0
         self._workers_done: anyio.Event | None = None
         self._cursor = 0
+        self._event_cls: Callable[[], anyio.Event] = anyio.Event
+        self._scope_cls: Callable[..., anyio.CancelScope] = anyio.CancelScope
 
     # ---------------------------------------------------------------- registration
 
@@ -205,6 +207,9 @@ class BackgroundTaskManager:
             raise RuntimeError("this manager is already running")
         self._closing = False
         self._idle.clear()
+        # The running backend's own classes: skips anyio's per-call backend lookup.
+        self._event_cls = type(anyio.Event())
+        self._scope_cls = type(anyio.CancelScope())
         if self.journal is not None:
             await self.journal.open(self.owner)
         tg = anyio.create_task_group()
@@ -367,41 +372,43 @@ class BackgroundTaskManager:
         if self._state != "running":
             raise ManagerNotRunning()
         registered = self._resolve(fn)
-        options = registered.options_ if registered is not None else None
-        if kwargs is None:
-            kwargs = {}
-        elif not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        if registered is None and self.journal is not None:
+            raise TypeError(
+                f"{fn!r} is not a registered task: with a journal, register it with "
+                "@manager.task so that a restarted process can find it by name"
+            )
+        defaults = registered.options_ if registered is not None else _NO_DEFAULTS
+        if kwargs is not None and (
+            not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)
+        ):
             raise TypeError(f"kwargs must be a dict with str keys, got {kwargs!r}")
         if queue is None:
-            queue = options["queue"] if options and options["queue"] else "default"
+            queue = defaults["queue"] or "default"
         else:
             self._check_queue(queue)
         if priority is None:
-            priority = options["priority"] if options and options["priority"] is not None else 0
+            priority = defaults["priority"] or 0
         else:
             check_priority(priority)
-        wait = check_delay(delay)
-        timeout = check_timeout(timeout, "timeout")
+        wait = 0.0 if delay is None else check_delay(delay)
         if timeout is None:
-            timeout = (
-                options["timeout"]
-                if options and options["timeout"] is not None
-                else self.default_timeout
-            )
-        retry = check_retry(retry, "retry")
+            timeout = defaults["timeout"]
+            if timeout is None:
+                timeout = self.default_timeout
+        else:
+            timeout = check_timeout(timeout, "timeout")
         if retry is None:
-            retry = (
-                options["retry"] if options and options["retry"] is not None else self.default_retry
-            )
+            retry = defaults["retry"] or self.default_retry
+        else:
+            check_retry(retry, "retry")
         if key is not None:
             if not isinstance(key, str):
                 raise TypeError(f"key must be a str, got {key!r}")
             existing = self._keys.get(key)
             if existing is not None:
                 return TaskHandle(self, existing.id, existing)
-        if self.max_pending is not None and (
-            self._counts[PENDING] + self._counts[RETRYING] >= self.max_pending
-        ):
+        counts = self._counts
+        if self.max_pending is not None and counts[PENDING] + counts[RETRYING] >= self.max_pending:
             raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
 
         now = time.time()
@@ -420,23 +427,23 @@ class BackgroundTaskManager:
             now + wait,
         )
         if self.journal is not None:
-            if registered is None:
-                raise TypeError(
-                    f"{fn!r} is not a registered task: with a journal, register it with "
-                    "@manager.task so that a restarted process can find it by name"
-                )
             stored = await self.journal.insert(_durable.new_row(task))
-            if self._state != "running":  # shut down while the insert was in flight
-                raise ManagerNotRunning()
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self, stored.id, self._tasks.get(stored.id))
+            if self._state != "running":  # stopped meanwhile: it is on disk for the next start
+                return TaskHandle(self, task.id, None)
         self._tasks[task.id] = task
-        self._counts[PENDING] += 1
+        counts[PENDING] += 1
         if key is not None:
             self._keys[key] = task
         if debug_enabled():
             log.debug("task_submitted", task_id=task.id, name=task.name, queue=queue, attempt=0)
-        self._enqueue(task, task.scheduled_at)
+        if wait > 0:
+            self._enqueue(task, task.scheduled_at)
+        else:
+            self._queue.push(task)
+            if self._idle:
+                self._idle.pop().set()
         return TaskHandle(self, task.id, task)
 
     def _resolve(self, fn: object) -> RegisteredTask[Any, Any] | None:
@@ -606,7 +613,7 @@ class BackgroundTaskManager:
                     raise ManagerNotRunning(f"the manager stopped before task {task_id} finished")
                 event = task.waiters
                 if event is None:
-                    event = task.waiters = anyio.Event()
+                    event = task.waiters = self._event_cls()
                 await event.wait()
                 continue
             if self.journal is None:
@@ -638,9 +645,12 @@ class BackgroundTaskManager:
     # ---------------------------------------------------------------- the one writer
 
     async def _claim(self, task: Task) -> bool:
+        """PENDING/RETRYING -> RUNNING, unless the task moved on (cancelled, lost)."""
         if task.status not in _WAITING or task.remote:
             return False
-        if not await self._apply(task, RUNNING):
+        if self.journal is None:
+            self._commit(task, RUNNING, time.time())
+        elif not await self._apply(task, RUNNING):
             return False
         self._running_tasks.add(task)
         return True
@@ -656,10 +666,8 @@ class BackgroundTaskManager:
     ) -> None:
         """Record how a claimed attempt ended (COMPLETED, FAILED, RETRYING, CANCELLED)."""
         self._running_tasks.discard(task)
-        if task.status is RUNNING:
+        if task.status is RUNNING or (task.status in _WAITING and target is CANCELLED):
             await self._apply(task, target, result=result, error=error, retry_at=retry_at)
-        elif task.status in _WAITING and target is CANCELLED:  # cancelled before it ran
-            await self._apply(task, target)
         if task.status is RETRYING and not task.remote:
             if task.cancel_requested:
                 await self._apply(task, CANCELLED)
@@ -685,20 +693,19 @@ class BackgroundTaskManager:
         task: Task,
         target: TaskStatus,
         *,
-        result: Any = _UNSET,
+        result: Any = None,
         error: BaseException | None = None,
         retry_at: float = 0.0,
     ) -> bool:
-        """Change a task's status: the table, then the journal, then memory, then one event.
+        """Change a task's status: the table, then the journal, then memory (``_commit``).
 
         False when the journal refused the change because another manager sharing it got
         there first; the task is then theirs and is dropped from this one.
         """
-        source = task.status
-        check_transition(source, target)
+        check_transition(task.status, target)
         now = time.time()
-        info = None if error is None else ErrorInfo.from_exception(error)
         journal = self.journal
+        info = None if error is None else ErrorInfo.from_exception(error)
         if journal is not None:
             change = _durable.change(self, task, target, now, result, info, retry_at)
             task.busy = True
@@ -710,10 +717,30 @@ class BackgroundTaskManager:
                 self._lose(task)
                 return False
             task.version = row.version
+        self._commit(task, target, now, result, error, retry_at, info)
+        return True
+
+    def _commit(
+        self,
+        task: Task,
+        target: TaskStatus,
+        now: float,
+        result: Any = None,
+        error: BaseException | None = None,
+        retry_at: float = 0.0,
+        info: ErrorInfo | None = None,
+    ) -> None:
+        """The in-memory half of a transition, and its event; only ``_claim``, ``_apply``
+        and the worker's in-memory fast path call it, after any journal write."""
+        source = task.status
+        if target not in TRANSITIONS[source]:
+            check_transition(source, target)  # raises InvalidTransition
         counts = self._counts
         counts[source] -= 1
         counts[target] += 1
         task.status = target
+        if info is None and error is not None:
+            info = ErrorInfo.from_exception(error)
         if target is RUNNING:
             task.attempts += 1
             if task.started_at is None:
@@ -763,7 +790,6 @@ class BackgroundTaskManager:
                 attempt=task.attempts,
                 **{"from": source.value, "to": target.value},
             )
-        return True
 
     def _settle(self, task: Task) -> None:
         """Bookkeeping for a task that just finished: keys, waiters by id, retention."""

@@ -24,6 +24,9 @@ R = TypeVar("R")
 
 
 def is_async_callable(fn: object) -> bool:
+    code = getattr(fn, "__code__", None)  # the common case, a plain async def: no inspect
+    if code is not None and code.co_flags & inspect.CO_COROUTINE:
+        return True
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     )

@@ -1,17 +1,18 @@
 """The dispatcher: a fixed pool of workers, each taking the best ready task and running it.
 
-take -> run_attempt -> decide (retry policy) -> manager._apply. Workers are started once;
-no task group, limiter or event is created per job (an idle worker waits on one event).
+take -> claim -> run_attempt -> decide (retry policy) -> manager transition. Workers are
+started once; no task group, limiter or event is created per job (an idle worker waits on
+one event), and each worker keeps one cancel scope until a cancel or timeout uses it up.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._attempt import Ended, run_attempt
+from ._attempt import Ended, cut_short, run_attempt
 from ._errors import SerializationError
 from ._events import log
 from ._states import TaskStatus
@@ -20,56 +21,102 @@ if TYPE_CHECKING:
     from ._manager import BackgroundTaskManager
     from ._task import Task
 
-__all__ = ["worker_loop"]
+__all__ = ["decide", "worker_loop"]
+
+PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
+COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 
 
 async def worker_loop(manager: BackgroundTaskManager) -> None:
     queue = manager._queue
     idle = manager._idle
+    event_cls = manager._event_cls
+    scope_cls = manager._scope_cls
+    run = _run_in_memory if manager.journal is None else _run_journaled
     while not manager._closing:
-        task = queue.pop()
-        if task is None:
-            event = anyio.Event()
-            idle.append(event)
-            await event.wait()
-            continue
-        try:
-            await run_task(manager, task)
-        except Exception:  # a bug or a journal failure must not take the manager down
-            log.exception("worker_error", task_id=task.id, name=task.name)
-        finally:
-            if queue.release(task.queue):
-                manager._wake(1)
+        scope = scope_cls()
+        current: Task | None = None  # the task whose attempt a cancellation would cut short
+        with scope:
+            while not manager._closing and not scope.cancel_called:
+                task = queue.pop()
+                if task is None:
+                    event = event_cls()
+                    idle.append(event)
+                    await event.wait()
+                    continue
+                try:
+                    current = task
+                    await run(manager, task, scope)
+                    current = None
+                except Exception:  # a bug or a journal failure must not stop the worker
+                    current = None
+                    log.exception("worker_error", task_id=task.id, name=task.name)
+                finally:
+                    if current is None and queue.release(task.queue):
+                        manager._wake(1)
+        if current is not None:  # the scope was cancelled inside this task's attempt
+            try:
+                with anyio.CancelScope(shield=True):
+                    await _record(manager, current, *cut_short(current))
+            finally:
+                if queue.release(current.queue):
+                    manager._wake(1)
 
 
-async def run_task(manager: BackgroundTaskManager, task: Task) -> None:
+async def _run_in_memory(
+    manager: BackgroundTaskManager, task: Task, scope: anyio.CancelScope
+) -> None:
+    status = task.status
+    if status is not PENDING and status is not RETRYING:
+        return  # cancelled while queued
+    manager._commit(task, RUNNING, time.time())
+    running = manager._running_tasks
+    running.add(task)
+    ended, value = await run_attempt(task, manager, scope)
+    running.discard(task)
+    target, result, error, retry_at = decide(task, ended, value)
+    manager._commit(task, target, time.time(), result, error, retry_at)
+    if target is RETRYING:
+        manager._enqueue(task, retry_at)
+
+
+async def _run_journaled(
+    manager: BackgroundTaskManager, task: Task, scope: anyio.CancelScope
+) -> None:
     if not await manager._claim(task):
         return
     if task.cancel_requested:  # cancelled while the claim was being written
-        await manager._finish(task, TaskStatus.CANCELLED)
+        await manager._finish(task, CANCELLED)
         return
-    ended, value = await run_attempt(task, manager)
-    with anyio.CancelScope(shield=True):  # a computed outcome is never lost to a shutdown
+    ended, value = await run_attempt(task, manager, scope)
+    with anyio.CancelScope(shield=True):  # a computed outcome is never lost to shutdown
         await _record(manager, task, ended, value)
 
 
-async def _record(manager: BackgroundTaskManager, task: Task, ended: Ended, value: object) -> None:
-    if task.cancel_requested:
-        await manager._finish(task, TaskStatus.CANCELLED)
-    elif ended is Ended.OK:
-        try:
-            await manager._finish(task, TaskStatus.COMPLETED, result=value)
-        except SerializationError as exc:  # a result the journal cannot hold: fail, no retry
-            await manager._finish(task, TaskStatus.FAILED, error=exc)
-    elif ended is Ended.CANCELLED:  # interrupted by shutdown: not a failure
-        await manager._interrupt(task)
-    else:
-        assert isinstance(value, BaseException)
-        retry = task.retry
-        delay = retry.decide(value, task.attempts) if retry is not None else None
-        if delay is None:
-            await manager._finish(task, TaskStatus.FAILED, error=value)
-        else:
-            await manager._finish(
-                task, TaskStatus.RETRYING, error=value, retry_at=time.time() + delay
-            )
+async def _record(manager: BackgroundTaskManager, task: Task, ended: Ended, value: Any) -> None:
+    """Write how an attempt ended; the slow path, for journals and cut-short attempts."""
+    if task.status is not RUNNING:
+        return
+    if ended is Ended.CANCELLED and not task.cancel_requested:
+        await manager._interrupt(task)  # shutdown: not a failure
+        return
+    target, result, error, retry_at = decide(task, ended, value)
+    try:
+        await manager._finish(task, target, result=result, error=error, retry_at=retry_at)
+    except SerializationError as exc:  # a result the journal cannot hold: fail, no retry
+        await manager._finish(task, FAILED, error=exc)
+
+
+def decide(
+    task: Task, ended: Ended, value: Any
+) -> tuple[TaskStatus, Any, BaseException | None, float]:
+    """How an attempt's end maps to the next status: (target, result, error, retry_at)."""
+    if task.cancel_requested or ended is Ended.CANCELLED:
+        return CANCELLED, None, None, 0.0
+    if ended is Ended.OK:
+        return COMPLETED, value, None, 0.0
+    retry = task.retry
+    delay = retry.decide(value, task.attempts) if retry is not None else None
+    if delay is None:
+        return FAILED, None, value, 0.0
+    return RETRYING, None, value, time.time() + delay
