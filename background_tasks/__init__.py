@@ -30,7 +30,7 @@ from ._retry import RetryPolicy as RetryPolicy
 from ._states import TRANSITIONS as TRANSITIONS
 from ._states import TaskStatus as TaskStatus
 
-# TEMP from .journal.sqlite import SQLiteJournal as SQLiteJournal
+from .journal.sqlite import SQLiteJournal as SQLiteJournal
 
 __version__ = "0.1.0"
 

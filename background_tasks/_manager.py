@@ -482,13 +482,11 @@ class BackgroundTaskManager:
         return TaskHandle(self, task_id, self._tasks.get(task_id))
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        task = self._tasks.get(task_id)
-        if task is not None and not task.remote:
-            return task.record()
-        if self.journal is not None and self._state == "running":
+        if self.journal is not None and self._state == "running":  # the source of truth
             row = await self.journal.get(task_id)
             return None if row is None else _durable.record(row)
-        return None
+        task = self._tasks.get(task_id)
+        return None if task is None or task.remote else task.record()
 
     async def list(
         self,

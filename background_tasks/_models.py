@@ -33,11 +33,10 @@ class ErrorInfo(BaseModel):
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         kind = type(exc)
-        name = (
-            kind.__qualname__
-            if kind.__module__ == "builtins"
-            else (f"{kind.__module__}.{kind.__qualname__}")
-        )
+        module = kind.__module__
+        if module.startswith("background_tasks._"):  # our errors by their public name
+            module = "background_tasks"
+        name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
         text = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
         return cls.model_construct(type=name, message=str(exc), traceback=text)
 
