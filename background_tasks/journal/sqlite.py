@@ -1,0 +1,943 @@
+"""The SQLite journal: durable tasks in one file, shared by every process that opens it.
+
+How a write travels (DESIGN.md §2, "durable acknowledgement"):
+
+* A caller builds an operation object (``_Insert``, ``_Apply``, ...) on the event loop and
+  appends it to the open *batch*. The first operation of a batch makes its caller the
+  batch's *leader*; everyone else just waits on the batch's one ``anyio.Event``.
+* The leader waits (shielded) until the previous batch is written, closes its batch (later
+  operations open the next one, which is how many callers share one commit), and runs the
+  whole batch in a worker thread on the write connection: ``BEGIN IMMEDIATE``, every
+  operation in order, their history lines in one ``executemany``, ``COMMIT``. Then it
+  sets the batch's event and every waiter reads its own result from its operation.
+* An operation that fails on its own (a constraint, a value SQLite cannot bind) must not
+  fail the others: the batch is rolled back and replayed with one SAVEPOINT per
+  operation, so only the guilty one gets the error. A failure of the transaction itself
+  (disk full, I/O error, a lock held for longer than ``busy_timeout``) fails every
+  operation of the batch with ``JournalError``; nothing of it was stored.
+
+sqlite3 never runs on the event loop thread. Reads use a second connection, one at a time
+(``anyio.Lock``), in a worker thread. The database is in WAL mode, so readers never wait
+for the writer and the writer never waits for readers; writers of several processes take
+turns through ``BEGIN IMMEDIATE`` and the busy timeout.
+
+The change cursor (``rev``) is a counter kept in ``meta``, bumped once per write
+transaction that needs it, under the write lock, so it only grows, across processes, and
+even after ``purge`` deleted the newest rows. Every row written by that transaction gets
+the new value: a reader's snapshot holds either all of a transaction's rows or none.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from operator import attrgetter
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from .._errors import JournalError
+from .._models import ErrorInfo, TransitionRecord
+from .._states import TaskStatus
+from ._protocol import Change, TaskRow
+
+__all__ = ["SCHEMA_VERSION", "SQLiteJournal"]
+
+_T = TypeVar("_T")
+
+# --------------------------------------------------------------------------- schema
+
+#: Forward migrations: ``MIGRATIONS[n]`` takes a journal from schema version n to n + 1.
+#: Each is a list of statements run in one ``BEGIN IMMEDIATE`` transaction. Never edit a
+#: released entry: append a new one (``ALTER TABLE ... ADD COLUMN``, a new index, ...).
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID",
+        "INSERT INTO meta (key, value) VALUES ('rev', 0)",
+        """CREATE TABLE tasks (
+            id TEXT PRIMARY KEY NOT NULL,
+            name TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            status TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            args_json TEXT NOT NULL,
+            kwargs_json TEXT NOT NULL,
+            key TEXT,
+            attempts INTEGER NOT NULL,
+            max_attempts INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            scheduled_at REAL NOT NULL,
+            options_json TEXT,
+            recoveries INTEGER NOT NULL DEFAULT 0,
+            started_at REAL,
+            finished_at REAL,
+            result_json TEXT,
+            error_json TEXT,
+            progress_json TEXT,
+            owner TEXT,
+            lease_until REAL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0,
+            rev INTEGER NOT NULL,
+            writer TEXT
+        )""",
+        "CREATE INDEX tasks_rev ON tasks (rev)",
+        "CREATE INDEX tasks_status ON tasks (status, id)",
+        "CREATE UNIQUE INDEX tasks_live_key ON tasks (key)"
+        " WHERE key IS NOT NULL AND status IN ('pending', 'running', 'retrying')",
+        "CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL",
+        """CREATE TABLE history (
+            task_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            source TEXT,
+            target TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            at REAL NOT NULL,
+            owner TEXT,
+            error_json TEXT,
+            PRIMARY KEY (task_id, seq)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+#: The schema version this code writes; a journal with a newer one is refused at open.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(TaskRow))
+_SELECT: Final = "SELECT " + ", ".join(_COLUMNS) + " FROM tasks"
+_RETURNING: Final = " RETURNING " + ", ".join(_COLUMNS)
+_INSERT: Final = (
+    f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
+    f" VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
+)
+_INSERT_HISTORY: Final = "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_LIVE_KEY: Final = _SELECT + " WHERE key = ? AND status IN ('pending', 'running', 'retrying')"
+_BUMP_REV: Final = "UPDATE meta SET value = value + 1 WHERE key = 'rev' RETURNING value"
+_READ_REV: Final = "SELECT value FROM meta WHERE key = 'rev'"
+_SELECT_MANY: Final = _SELECT + " WHERE id IN (SELECT value FROM json_each(?))"
+_TERMINAL: Final = "('completed', 'failed', 'cancelled')"
+
+#: Fields a Change may set: every TaskRow attribute but the ones the journal owns.
+_SETTABLE: Final = frozenset(_COLUMNS) - {"id", "status", "version"}
+_CLEARS_CANCEL: Final = frozenset(
+    {
+        TaskStatus.PENDING,
+        TaskStatus.RETRYING,
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.CANCELLED,
+    }
+)
+_STATUS: Final = {s.value: s for s in TaskStatus}
+_row_values: Final = attrgetter(*_COLUMNS)
+_STATUS_INDEX: Final = _COLUMNS.index("status")
+
+_SYNC: Final[dict[str, Literal["FULL", "NORMAL"]]] = {"FULL": "FULL", "NORMAL": "NORMAL"}
+
+#: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
+_CACHE_KIB: Final = -16384
+
+#: Operations in one transaction at most (the batch is bounded; later ones wait).
+MAX_BATCH: Final = 2000
+
+#: Errors that belong to one operation (its values or a constraint), not to the batch.
+_OP_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+_BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _to_row(r: Any) -> TaskRow:
+    return TaskRow(
+        r[0], r[1], r[2], _STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+        r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], bool(r[21]), r[22],
+    )  # fmt: skip
+
+
+def utc_at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        (code is not None and code & 0xFF in _BUSY) or "locked" in str(exc)
+    )
+
+
+# --------------------------------------------------------------------------- operations
+
+
+class _Writer:
+    """What operations share while their batch runs (in the worker thread).
+
+    Two deferrals keep per-operation work low: plain inserts are collected and written
+    with one ``executemany``, and applied changes are updated without ``RETURNING`` (which
+    costs more than the update itself) and their new rows read back together with one
+    ``SELECT`` (``flush``). Anything that could see or change those rows flushes first.
+    """
+
+    __slots__ = ("conn", "deferred", "history", "inserts", "owner", "rev")
+
+    def __init__(self, conn: sqlite3.Connection, owner: str) -> None:
+        self.conn = conn
+        self.owner = owner
+        self.rev = 0
+        self.history: list[tuple[Any, ...]] = []
+        self.inserts: list[tuple[Any, ...]] = []
+        self.deferred: dict[str, _Op] = {}
+
+    def flush(self) -> None:
+        if self.inserts:
+            self.conn.executemany(_INSERT, self.inserts)
+            self.inserts.clear()
+        if self.deferred:
+            deferred, self.deferred = self.deferred, {}
+            for r in self.conn.execute(_SELECT_MANY, (json.dumps(list(deferred)),)):
+                deferred[r[0]].result = _to_row(r)
+
+
+class _Op:
+    __slots__ = ("error", "result")
+    #: whether the operation bumps the change cursor (so the batch reads the counter)
+    bumps = True
+    #: whether the caller waits for the commit (False: progress, which may ride along)
+    awaited = True
+    #: whether it can run while inserts and rows of applied changes are still deferred
+    defers = False
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, w: _Writer) -> Any:
+        raise NotImplementedError
+
+
+class _Insert(_Op):
+    __slots__ = ("row",)
+    defers = True
+
+    def __init__(self, row: TaskRow) -> None:
+        super().__init__()
+        self.row = row
+
+    def run(self, w: _Writer) -> TaskRow:
+        row = self.row
+        if row.key is not None:
+            # Unkeyed inserts still deferred cannot conflict; earlier keyed ones ran.
+            live = w.conn.execute(_LIVE_KEY, (row.key,)).fetchall()
+            if live:
+                return _to_row(live[0])
+            w.conn.execute(_INSERT, _insert_params(row, w))
+        else:
+            w.inserts.append(_insert_params(row, w))
+        w.history.append(
+            (row.id, row.version, None, row.status.value, row.attempts, row.created_at,
+             row.owner, row.error_json)
+        )  # fmt: skip
+        return row
+
+
+def _insert_params(row: TaskRow, w: _Writer) -> tuple[Any, ...]:
+    values = list(_row_values(row))
+    values[_STATUS_INDEX] = row.status.value
+    values.append(w.rev)
+    values.append(w.owner)
+    return tuple(values)
+
+
+class _Apply(_Op):
+    __slots__ = ("change", "params", "sql")
+    defers = True
+
+    def __init__(self, change: Change, sql: str, params: list[Any]) -> None:
+        super().__init__()
+        self.change = change
+        self.sql = sql
+        self.params = params
+
+    def run(self, w: _Writer) -> None:
+        c = self.change
+        if w.inserts or c.task_id in w.deferred:
+            w.flush()
+        source, target = c.source.value, c.target.value
+        params = (target, w.rev, w.owner, *self.params, c.task_id, c.version, source)
+        if w.conn.execute(self.sql, params).rowcount:
+            w.deferred[c.task_id] = self  # the result is set by w.flush()
+            w.history.append(
+                (c.task_id, c.version + 1, source, target, c.attempt, c.at, c.owner,
+                 c.fields.get("error_json"))
+            )  # fmt: skip
+
+
+class _RequestCancel(_Op):
+    __slots__ = ("task_id",)
+    _sql = (
+        "UPDATE tasks SET cancel_requested = 1, rev = ?, writer = ?"
+        " WHERE id = ? AND status = 'running'" + _RETURNING
+    )
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    def run(self, w: _Writer) -> TaskRow | None:
+        found = w.conn.execute(self._sql, (w.rev, w.owner, self.task_id)).fetchall()
+        return _to_row(found[0]) if found else None
+
+
+class _SetProgress(_Op):
+    __slots__ = ("params",)
+    bumps = False
+    awaited = False
+    _sql = (
+        "UPDATE tasks SET progress_json = ?"
+        " WHERE id = ? AND status = 'running' AND owner = ? AND version = ?"
+    )
+
+    def __init__(self, params: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.params = params
+
+    def run(self, w: _Writer) -> None:
+        w.conn.execute(self._sql, self.params)
+
+
+class _Renew(_Op):
+    __slots__ = ("lease_until", "owner")
+    bumps = False
+    _sql = "UPDATE tasks SET lease_until = ? WHERE status = 'running' AND owner = ?"
+
+    def __init__(self, owner: str, lease_until: float) -> None:
+        super().__init__()
+        self.owner = owner
+        self.lease_until = lease_until
+
+    def run(self, w: _Writer) -> int:
+        return w.conn.execute(self._sql, (self.lease_until, self.owner)).rowcount
+
+
+class _Reclaim(_Op):
+    __slots__ = ("max_recoveries", "now")
+    _expired = (
+        "SELECT id, version, recoveries, owner FROM tasks"
+        " WHERE status = 'running' AND lease_until < ?"
+    )
+    _sql = (
+        "UPDATE tasks SET status = ?, version = version + 1, rev = ?, writer = ?,"
+        " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
+        " cancel_requested = 0, finished_at = coalesce(?, finished_at),"
+        " error_json = coalesce(?, error_json)"
+        " WHERE id = ? AND version = ? AND status = 'running'" + _RETURNING
+    )
+
+    def __init__(self, now: float, max_recoveries: int) -> None:
+        super().__init__()
+        self.now = now
+        self.max_recoveries = max_recoveries
+
+    def run(self, w: _Writer) -> list[TaskRow]:
+        rows: list[TaskRow] = []
+        for task_id, version, recoveries, owner in w.conn.execute(
+            self._expired, (self.now,)
+        ).fetchall():
+            if recoveries + 1 > self.max_recoveries:
+                target, finished_at = TaskStatus.FAILED, self.now
+                error: str | None = ErrorInfo(
+                    type="background_tasks.TaskInterrupted",
+                    message=(
+                        f"the task was interrupted {recoveries + 1} times, more than"
+                        f" max_recoveries={self.max_recoveries}: its process stopped or"
+                        f" crashed while running it (last owner {owner!r})"
+                    ),
+                ).model_dump_json()
+            else:
+                target, finished_at, error = TaskStatus.PENDING, None, None
+            found = w.conn.execute(
+                self._sql, (target, w.rev, w.owner, finished_at, error, task_id, version)
+            ).fetchall()
+            if found:
+                row = _to_row(found[0])
+                rows.append(row)
+                w.history.append(
+                    (task_id, row.version, TaskStatus.RUNNING, target, row.attempts, self.now,
+                     w.owner, error)
+                )  # fmt: skip
+        return rows
+
+
+class _PurgeStep(_Op):
+    __slots__ = ("batch", "older_than")
+    bumps = False
+    _select = f"SELECT id FROM tasks WHERE finished_at < ? AND status IN {_TERMINAL} LIMIT ?"
+
+    def __init__(self, older_than: float, batch: int) -> None:
+        super().__init__()
+        self.older_than = older_than
+        self.batch = batch
+
+    def run(self, w: _Writer) -> int:
+        ids = w.conn.execute(self._select, (self.older_than, self.batch)).fetchall()
+        if ids:
+            w.conn.executemany("DELETE FROM history WHERE task_id = ?", ids)
+            w.conn.executemany("DELETE FROM tasks WHERE id = ?", ids)
+        return len(ids)
+
+
+class _Batch:
+    __slots__ = ("closed", "done", "ops", "prev")
+
+    def __init__(self, prev: _Batch | None) -> None:
+        self.ops: list[_Op] = []
+        self.done = anyio.Event()
+        self.prev = prev
+        self.closed = False
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+class SQLiteJournal:
+    """A journal in one SQLite file (WAL mode), safe to share between processes.
+
+    ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
+    loss; ``"NORMAL"`` is faster and still survives a crash of the process, but the last
+    transactions before a power loss or OS crash may be lost. ``busy_timeout`` is how
+    long a write waits for another process's transaction before ``JournalError``.
+    ``create=False`` refuses a path that does not exist yet (for tools that only read).
+    """
+
+    lease_timeout: float
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease_timeout: float = 30.0,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout: float = 10.0,
+        create: bool = True,
+    ) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError("path must be a text path, not bytes")
+        if text in ("", ":memory:") or text.startswith("file:"):
+            raise ValueError(
+                f"path: {text!r} is not a file path; an in-memory database cannot be shared"
+                " (use journal=None for an in-memory manager)"
+            )
+        for name, value in (("lease_timeout", lease_timeout), ("busy_timeout", busy_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+            if not (0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number of seconds")
+        checked = _SYNC.get(synchronous.upper()) if isinstance(synchronous, str) else None
+        if checked is None:
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+        self.path = text
+        self.lease_timeout = float(lease_timeout)
+        self.synchronous = checked
+        self.busy_timeout = float(busy_timeout)
+        self.create = bool(create)
+        #: committed write transactions (group commit puts many operations in one)
+        self.commits = 0
+        self._owner = ""
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._read_lock: anyio.Lock | None = None
+        self._closing = False
+        self._open_batch: _Batch | None = None
+        self._newest: _Batch | None = None
+        self._sql_cache: dict[tuple[tuple[str, ...], bool], str] = {}
+
+    def __repr__(self) -> str:
+        state = "open" if self._wconn is not None else "closed"
+        return f"<SQLiteJournal {self.path!r} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self, owner: str) -> None:
+        if self._wconn is not None:
+            raise RuntimeError(f"journal {self.path} is already open")
+        self._owner = owner
+        self._wconn, self._rconn = await anyio.to_thread.run_sync(self._open_sync)
+        self._read_lock = anyio.Lock()
+
+    async def close(self) -> None:
+        if self._wconn is None or self._closing:
+            return
+        self._closing = True  # new operations now raise; queued ones still get written
+        try:
+            with anyio.CancelScope(shield=True):
+                newest = self._newest
+                if newest is not None:  # every batch has a leader: wait for the last commit
+                    await newest.done.wait()
+                read_lock = self._read_lock
+                assert read_lock is not None
+                async with read_lock:  # let a read in flight finish
+                    wconn, rconn = self._wconn, self._rconn
+                    self._wconn = self._rconn = None
+                    self._open_batch = self._newest = None
+                    await anyio.to_thread.run_sync(_close_all, (rconn, wconn))
+        finally:
+            self._closing = False
+
+    def _connect(self, *, first: bool) -> sqlite3.Connection:
+        if first and not self.create:
+            target = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+            conn = sqlite3.connect(
+                target, uri=True, isolation_level=None, check_same_thread=False,
+                timeout=self.busy_timeout, cached_statements=512,
+            )  # fmt: skip
+        else:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False,
+                timeout=self.busy_timeout, cached_statements=512,
+            )  # fmt: skip
+        return conn
+
+    def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        self._check_path()
+        wconn: sqlite3.Connection | None = None
+        rconn: sqlite3.Connection | None = None
+        try:
+            wconn = self._connect(first=True)
+            self._retry_busy(lambda: self._prepare(wconn))
+            rconn = self._connect(first=False)
+            rconn.execute("PRAGMA query_only = 1")
+            rconn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
+            return wconn, rconn
+        except BaseException as exc:
+            _close_all((rconn, wconn))
+            if isinstance(exc, JournalError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise JournalError(f"cannot open journal {self.path}: {self._reason(exc)}") from exc
+            raise
+
+    def _check_path(self) -> None:
+        path = self.path
+        if os.path.isdir(path):
+            raise JournalError(f"cannot open journal {path}: it is a directory, not a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise JournalError(f"cannot open journal {path}: its directory {parent} does not exist")
+        if not self.create and not os.path.exists(path):
+            raise JournalError(f"cannot open journal {path}: no such file")
+
+    def _reason(self, exc: BaseException) -> str:
+        text = str(exc)
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        if primary == sqlite3.SQLITE_NOTADB or "not a database" in text:
+            return f"the file is not an SQLite database ({text})"
+        if primary == sqlite3.SQLITE_CORRUPT:
+            return f"the database file is corrupt ({text})"
+        if primary == sqlite3.SQLITE_READONLY or "readonly" in text:
+            return f"the file or its directory is read-only ({text})"
+        if primary == sqlite3.SQLITE_FULL or "disk is full" in text:
+            return f"the disk is full ({text})"
+        if primary == sqlite3.SQLITE_CANTOPEN:
+            if not os.access(os.path.dirname(os.path.abspath(self.path)), os.W_OK):
+                return f"the file or its directory is read-only ({text})"
+            return f"the file cannot be opened ({text})"
+        if primary == sqlite3.SQLITE_IOERR:
+            return f"an I/O error occurred, maybe the disk is full ({text})"
+        if _is_busy(exc):
+            return (
+                f"the database stayed locked by another connection for more than"
+                f" {self.busy_timeout:g} s ({text})"
+            )
+        return text
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Check, then (only if it is ours and not newer) configure and migrate."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = self._schema_version(conn, tables)
+        if version is None and tables:
+            raise JournalError(
+                f"cannot open journal {self.path}: it is an SQLite database of something"
+                f" else (tables {', '.join(sorted(tables))}), not a background_tasks journal"
+            )
+        if version is not None and version > SCHEMA_VERSION:
+            raise JournalError(
+                f"cannot open journal {self.path}: its schema version {version} is newer than"
+                f" this version of background_tasks knows ({SCHEMA_VERSION}); upgrade"
+                " background_tasks"
+            )
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(
+                f"cannot open journal {self.path}: WAL mode is not available ({mode})"
+            )
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
+        # A write transaction even when there is nothing to migrate: it proves now, and
+        # not at the first submit, that this file can be written. Rolled back if unused.
+        self._begin(conn)
+        try:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            version = self._schema_version(conn, tables) or 0
+            if version > SCHEMA_VERSION:  # another process upgraded meanwhile
+                raise JournalError(
+                    f"cannot open journal {self.path}: its schema version {version} is newer"
+                    f" than this version of background_tasks knows ({SCHEMA_VERSION})"
+                )
+            if version == SCHEMA_VERSION:
+                conn.execute("UPDATE meta SET value = value WHERE key = 'rev'")
+                conn.execute("ROLLBACK")
+                return
+            for script in MIGRATIONS[version:]:
+                for statement in script:
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection, tables: set[str]) -> int | None:
+        if "meta" not in tables:
+            return None
+        found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if found is None else int(found[0])
+
+    def _retry_busy(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn``, retrying with backoff while another connection holds a lock.
+
+        SQLite's own busy handler already waits ``busy_timeout``; this covers the cases it
+        does not (WAL recovery, a lock upgrade) and bounds the total wait.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+
+    # ------------------------------------------------------------------ writing
+
+    def _require_open(self) -> None:
+        if self._wconn is None or self._closing:
+            raise JournalError(f"journal {self.path} is not open")
+
+    async def _write(self, op: _Op) -> Any:
+        """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
+        self._require_open()
+        batch = self._open_batch
+        if batch is None or batch.closed or len(batch.ops) >= MAX_BATCH:
+            batch = _Batch(self._newest)
+            self._open_batch = self._newest = batch
+            batch.ops.append(op)
+            await self._lead(batch)
+        else:
+            batch.ops.append(op)
+            if not op.awaited:
+                return None
+            await batch.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def _lead(self, batch: _Batch) -> None:
+        # Shielded: the batch holds other callers' operations; they must get their results
+        # even if this caller is cancelled (the cancellation arrives at its next checkpoint).
+        with anyio.CancelScope(shield=True):
+            try:
+                prev = batch.prev
+                if prev is not None:
+                    batch.prev = None
+                    await prev.done.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()  # let this tick's callers join
+                batch.closed = True
+                if self._open_batch is batch:
+                    self._open_batch = None
+                await anyio.to_thread.run_sync(self._write_batch, batch.ops)
+            finally:
+                batch.closed = True
+                batch.done.set()
+
+    def _write_batch(self, ops: list[_Op]) -> None:
+        """Run one batch in one transaction (worker thread)."""
+        conn = self._wconn
+        if conn is None:  # closed underneath (only after a failed close)
+            for op in ops:
+                op.error = JournalError(f"journal {self.path} is not open")
+            return
+        try:
+            if self._run_batch(conn, ops, careful=False):
+                return
+            self._run_batch(conn, ops, careful=True)
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for op in ops:
+                op.result = None
+                error = JournalError(f"cannot write journal {self.path}: {self._reason(exc)}")
+                error.__cause__ = exc
+                op.error = error
+            if not isinstance(exc, Exception):
+                raise
+
+    def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op], *, careful: bool) -> bool:
+        """One attempt at the batch; False if an operation failed on its own (fast path).
+
+        ``careful`` wraps each operation in a SAVEPOINT so that a failing one is undone
+        alone and gets its own error; the others still commit.
+        """
+        self._begin(conn)
+        w = _Writer(conn, self._owner)
+        if any(op.bumps for op in ops):
+            w.rev = conn.execute(_BUMP_REV).fetchone()[0]
+        if not careful:
+            try:
+                for op in ops:
+                    if not op.defers and (w.inserts or w.deferred):
+                        w.flush()
+                    op.result = op.run(w)
+                w.flush()
+                if w.history:
+                    conn.executemany(_INSERT_HISTORY, w.history)
+            except _OP_ERRORS:
+                conn.execute("ROLLBACK")
+                return False
+        else:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                w.history.clear()
+                op.error = None
+                try:
+                    op.result = op.run(w)
+                    w.flush()
+                    if w.history:
+                        conn.executemany(_INSERT_HISTORY, w.history)
+                except _OP_ERRORS as exc:
+                    conn.execute("ROLLBACK TO op")
+                    w.inserts.clear()
+                    w.deferred.clear()
+                    op.result = None
+                    op.error = self._op_error(exc, op)
+                conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+        self.commits += 1
+        return True
+
+    def _op_error(self, exc: BaseException, op: _Op) -> BaseException:
+        if not isinstance(exc, sqlite3.Error):
+            return exc
+        what = type(op).__name__.strip("_").lower()
+        if isinstance(op, _Apply):
+            what = (
+                f"apply {op.change.source.value}->{op.change.target.value}"
+                f" to task {op.change.task_id}"
+            )
+        elif isinstance(op, _Insert):
+            what = f"insert task {op.row.id}"
+        error = JournalError(f"cannot {what} in journal {self.path}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    async def insert(self, row: TaskRow) -> TaskRow:
+        result: TaskRow = await self._write(_Insert(row))
+        return result
+
+    async def apply(self, change: Change) -> TaskRow | None:
+        fields = change.fields
+        names = tuple(fields)
+        clear = change.target in _CLEARS_CANCEL and "cancel_requested" not in fields
+        sql = self._sql_cache.get((names, clear))
+        if sql is None:
+            bad = [n for n in names if n not in _SETTABLE]
+            if bad:
+                raise ValueError(
+                    f"Change.fields has names that are not settable TaskRow fields: {bad}"
+                )
+            sets = "".join(f", {n} = ?" for n in names)
+            sql = (
+                "UPDATE tasks SET status = ?, version = version + 1, rev = ?, writer = ?"
+                + sets
+                + (", cancel_requested = 0" if clear else "")
+                + " WHERE id = ? AND version = ? AND status = ?"
+            )
+            self._sql_cache[(names, clear)] = sql
+        result: TaskRow | None = await self._write(_Apply(change, sql, list(fields.values())))
+        return result
+
+    async def request_cancel(self, task_id: str) -> TaskRow | None:
+        result: TaskRow | None = await self._write(_RequestCancel(task_id))
+        return result
+
+    async def set_progress(
+        self, task_id: str, owner: str, version: int, progress_json: str
+    ) -> None:
+        await self._write(_SetProgress((progress_json, task_id, owner, version)))
+
+    async def renew(self, owner: str, lease_until: float) -> None:
+        await self._write(_Renew(owner, lease_until))
+
+    async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
+        result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
+        return result
+
+    async def purge(self, older_than: float, batch: int = 1000) -> int:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, not {batch!r}")
+        total = 0
+        while True:
+            n: int = await self._write(_PurgeStep(older_than, batch))
+            total += n
+            if n < batch:
+                return total
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._require_open()
+        assert self._read_lock is not None
+        async with self._read_lock:
+            conn = self._rconn
+            if conn is None:
+                raise JournalError(f"journal {self.path} is not open")
+            return await anyio.to_thread.run_sync(self._read_sync, conn, fn)
+
+    def _read_sync(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        try:
+            return self._retry_busy(lambda: fn(conn))
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise JournalError(f"cannot read journal {self.path}: {self._reason(exc)}") from exc
+
+    @staticmethod
+    def _snapshot(
+        conn: sqlite3.Connection, sql: str, params: Iterable[Any]
+    ) -> tuple[list[TaskRow], int]:
+        """Rows of ``sql`` and the change counter, from one read transaction."""
+        conn.execute("BEGIN")
+        try:
+            rows = [_to_row(r) for r in conn.execute(sql, tuple(params))]
+            rev = int(conn.execute(_READ_REV).fetchone()[0])
+        finally:
+            conn.execute("COMMIT")
+        return rows, rev
+
+    async def get(self, task_id: str) -> TaskRow | None:
+        def read(conn: sqlite3.Connection) -> TaskRow | None:
+            found = conn.execute(_SELECT + " WHERE id = ?", (task_id,)).fetchall()
+            return _to_row(found[0]) if found else None
+
+        return await self._read(read)
+
+    async def list(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("queue", queue), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value.value if isinstance(value, TaskStatus) else value)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[TaskRow]:
+            return [_to_row(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT task_id, source, target, attempt, at, owner, error_json FROM history"
+                " WHERE task_id = ? ORDER BY seq",
+                (task_id,),
+            ).fetchall()
+
+        return [
+            TransitionRecord(
+                task_id=tid,
+                source=None if source is None else _STATUS[source],
+                target=_STATUS[target],
+                attempt=attempt,
+                at=utc_at(at),
+                owner=owner,
+                error=None if error is None else ErrorInfo.model_validate_json(error),
+            )
+            for tid, source, target, attempt, at, owner, error in await self._read(read)
+        ]
+
+    async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
+        sql = _SELECT + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
+        return await self._read(lambda conn: self._snapshot(conn, sql, ()))
+
+    async def changes(self, since: int, exclude_owner: str) -> tuple[builtins.list[TaskRow], int]:
+        sql = _SELECT + " WHERE rev > ? AND (writer IS NULL OR writer != ?) ORDER BY rev, id"
+
+        def read(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRow], int]:
+            rows, rev = self._snapshot(conn, sql, (since, exclude_owner))
+            return rows, max(rev, since)
+
+        return await self._read(read)
+
+    async def counts(self) -> dict[TaskStatus, int]:
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, int]]:
+            return conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()
+
+        counts = dict.fromkeys(TaskStatus, 0)
+        for status, n in await self._read(read):
+            counts[_STATUS[status]] = n
+        return counts
+
+    async def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` of the read connection: it changes when another
+        connection (this process's writer included) commits. A cheap "anything new?" poll."""
+        return await self._read(lambda conn: int(conn.execute("PRAGMA data_version").fetchone()[0]))
+
+
+def _close_all(conns: Iterable[sqlite3.Connection | None]) -> None:
+    for conn in conns:
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()

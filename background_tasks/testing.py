@@ -1,0 +1,558 @@
+"""A contract suite for journals: every backend's tests reuse it.
+
+Subclass ``JournalContract`` in a test module and give it one fixture, ``journal_factory``:
+a callable that returns a new, *unopened* journal on the test's storage (every call in one
+test must reach the same storage, so that two journals can share it)::
+
+    from background_tasks.testing import JournalContract
+
+    class TestSQLiteContract(JournalContract):
+        @pytest.fixture
+        def journal_factory(self, tmp_path):
+            return lambda: SQLiteJournal(tmp_path / "tasks.db")
+
+The suite needs only pytest and anyio's pytest plugin (it marks its tests ``anyio``; the
+``anyio_backend`` fixture of the test session picks asyncio and/or trio). Fixtures:
+``journal`` is opened with owner ``OWNER``; ``peer`` is a second journal on the same
+storage opened with owner ``PEER`` (another process, as far as the contract can tell).
+``make_row`` and ``claim`` build rows and changes for tests of your own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from ._states import TaskStatus
+from .journal._protocol import Change, Journal, TaskRow
+
+__all__ = ["OWNER", "PEER", "JournalContract", "claim", "finish", "make_row"]
+
+OWNER = "owner-a"
+PEER = "owner-b"
+
+_ids = itertools.count()
+P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
+C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
+
+
+def make_row(**overrides: Any) -> TaskRow:
+    """A new PENDING row with a fresh id (ids sort by creation, like the manager's)."""
+    now = time.time()
+    values: dict[str, Any] = {
+        "id": f"t{time.time_ns():020d}{next(_ids):08d}",
+        "name": "tests.job",
+        "queue": "default",
+        "status": P,
+        "priority": 0,
+        "args_json": "[1, 2]",
+        "kwargs_json": '{"x": "y"}',
+        "key": None,
+        "attempts": 0,
+        "max_attempts": 3,
+        "created_at": now,
+        "scheduled_at": now,
+    }
+    values.update(overrides)
+    return TaskRow(**values)
+
+
+def claim(
+    row: TaskRow, owner: str = OWNER, *, lease: float = 30.0, now: float | None = None
+) -> Change:
+    """The change that starts the next attempt of ``row`` (PENDING/RETRYING -> RUNNING)."""
+    at = time.time() if now is None else now
+    return Change(
+        task_id=row.id,
+        version=row.version,
+        source=row.status,
+        target=R,
+        attempt=row.attempts + 1,
+        at=at,
+        owner=owner,
+        fields={
+            "attempts": row.attempts + 1,
+            "owner": owner,
+            "lease_until": at + lease,
+            "started_at": row.started_at if row.started_at is not None else at,
+        },
+    )
+
+
+def finish(row: TaskRow, target: TaskStatus = C, **fields: Any) -> Change:
+    """The change that ends ``row``'s attempt (or cancels it while it waits)."""
+    at = time.time()
+    values: dict[str, Any] = {"finished_at": at, "owner": None, "lease_until": None}
+    values.update(fields)
+    return Change(row.id, row.version, row.status, target, row.attempts, at, row.owner, values)
+
+
+class JournalContract:
+    """What the manager relies on from any journal. See the module docstring."""
+
+    pytestmark = pytest.mark.anyio
+
+    # ------------------------------------------------------------------ fixtures
+
+    @pytest.fixture
+    def journal_factory(self) -> Callable[[], Journal]:
+        raise NotImplementedError("a JournalContract subclass defines journal_factory")
+
+    @pytest.fixture
+    async def journal(
+        self, journal_factory: Callable[[], Journal], anyio_backend: object
+    ) -> AsyncIterator[Journal]:
+        journal = journal_factory()
+        await journal.open(OWNER)
+        try:
+            yield journal
+        finally:
+            await journal.close()
+
+    @pytest.fixture
+    async def peer(
+        self, journal: Journal, journal_factory: Callable[[], Journal], anyio_backend: object
+    ) -> AsyncIterator[Journal]:
+        peer = journal_factory()
+        await peer.open(PEER)
+        try:
+            yield peer
+        finally:
+            await peer.close()
+
+    async def running(self, journal: Journal, owner: str = OWNER, **kw: Any) -> TaskRow:
+        """Insert a row and claim it for ``owner``; returns the RUNNING row."""
+        row = await journal.insert(make_row(**kw))
+        claimed = await journal.apply(claim(row, owner))
+        assert claimed is not None
+        return claimed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def test_is_a_journal(self, journal: Journal) -> None:
+        assert isinstance(journal, Journal)
+        assert journal.lease_timeout > 0
+
+    async def test_close_twice_and_reopen_keeps_rows(
+        self, journal_factory: Callable[[], Journal], anyio_backend: object
+    ) -> None:
+        first = journal_factory()
+        await first.open(OWNER)
+        row = await first.insert(make_row())
+        await first.close()
+        await first.close()
+        second = journal_factory()
+        await second.open(OWNER)
+        try:
+            assert await second.get(row.id) == row
+        finally:
+            await second.close()
+
+    # ------------------------------------------------------------------ insert / get
+
+    async def test_insert_round_trips_every_field(self, journal: Journal) -> None:
+        row = make_row(
+            queue="emails",
+            priority=-7,
+            key="k1",
+            max_attempts=5,
+            scheduled_at=time.time() + 60.5,
+            options_json='{"timeout": 1.5}',
+            args_json='["é", null, 1.25]',
+            kwargs_json="{}",
+        )
+        assert await journal.insert(row) == row
+        assert await journal.get(row.id) == row
+
+    async def test_get_and_history_of_unknown_id(self, journal: Journal) -> None:
+        assert await journal.get("nope") is None
+        assert await journal.history("nope") == []
+
+    async def test_insert_writes_the_first_history_line(self, journal: Journal) -> None:
+        row = await journal.insert(make_row())
+        [line] = await journal.history(row.id)
+        assert (line.task_id, line.source, line.target, line.attempt) == (row.id, None, P, 0)
+        assert abs(line.at.timestamp() - row.created_at) < 1e-3
+
+    async def test_key_of_a_live_task_returns_that_task(self, journal: Journal) -> None:
+        first = await journal.insert(make_row(key="once"))
+        again = await journal.insert(make_row(key="once"))
+        assert again.id == first.id
+        running = await journal.apply(claim(first))
+        assert running is not None
+        assert (await journal.insert(make_row(key="once"))).id == first.id
+        other = await journal.insert(make_row(key="other"))
+        assert other.id != first.id
+        done = await journal.apply(finish(running))
+        assert done is not None
+        fresh = make_row(key="once")
+        assert (await journal.insert(fresh)).id == fresh.id
+        assert await journal.get(fresh.id) == fresh
+
+    async def test_concurrent_inserts_with_one_key_store_one_task(self, journal: Journal) -> None:
+        got: list[str] = []
+
+        async def submit() -> None:
+            got.append((await journal.insert(make_row(key="same"))).id)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(submit)
+        assert len(set(got)) == 1
+        assert (await journal.counts())[P] == 1
+
+    # ------------------------------------------------------------------ apply
+
+    async def test_apply_claims_and_bumps_the_version(self, journal: Journal) -> None:
+        row = await journal.insert(make_row())
+        change = claim(row)
+        claimed = await journal.apply(change)
+        assert claimed is not None
+        assert claimed.status is R
+        assert (claimed.version, claimed.attempts, claimed.owner) == (1, 1, OWNER)
+        assert claimed.lease_until == change.fields["lease_until"]
+        assert claimed.args_json == row.args_json
+        assert await journal.get(row.id) == claimed
+        lines = await journal.history(row.id)
+        assert [(h.source, h.target, h.attempt, h.owner) for h in lines] == [
+            (None, P, 0, None),
+            (P, R, 1, OWNER),
+        ]
+
+    async def test_apply_needs_the_version_and_the_source(self, journal: Journal) -> None:
+        row = await journal.insert(make_row())
+        stale = claim(row)
+        stale.version = 5
+        assert await journal.apply(stale) is None
+        wrong = claim(row)
+        wrong.source = Y
+        assert await journal.apply(wrong) is None
+        unknown = claim(make_row())
+        assert await journal.apply(unknown) is None
+        assert await journal.get(row.id) == row
+        assert len(await journal.history(row.id)) == 1
+
+    async def test_a_change_applies_once(self, journal: Journal) -> None:
+        row = await journal.insert(make_row())
+        change = claim(row)
+        assert await journal.apply(change) is not None
+        assert await journal.apply(change) is None
+
+    async def test_failure_is_recorded_with_its_error(self, journal: Journal) -> None:
+        running = await self.running(journal)
+        error = json.dumps({"type": "ValueError", "message": "bad", "traceback": None})
+        failed = await journal.apply(finish(running, F, error_json=error))
+        assert failed is not None
+        assert (failed.status, failed.error_json, failed.owner) == (F, error, None)
+        last = (await journal.history(running.id))[-1]
+        assert (last.source, last.target) == (R, F)
+        assert last.error is not None
+        assert (last.error.type, last.error.message) == ("ValueError", "bad")
+
+    async def test_requeue_resets_a_finished_task(self, journal: Journal) -> None:
+        running = await self.running(journal, key="k")
+        failed = await journal.apply(finish(running, F, error_json='{"type":"E","message":"m"}'))
+        assert failed is not None
+        requeue = Change(
+            failed.id, failed.version, F, P, 0, time.time(), None,
+            {"attempts": 0, "error_json": None, "result_json": None, "finished_at": None},
+        )  # fmt: skip
+        again = await journal.apply(requeue)
+        assert again is not None
+        assert (again.status, again.attempts, again.error_json, again.finished_at) == (
+            P, 0, None, None,
+        )  # fmt: skip
+        assert (await journal.insert(make_row(key="k"))).id == again.id
+
+    @pytest.mark.parametrize("name", ["status", "version", "id", "rev", "nope", "x = 1; --"])
+    async def test_apply_refuses_fields_that_are_not_settable(
+        self, journal: Journal, name: str
+    ) -> None:
+        row = await journal.insert(make_row())
+        change = claim(row)
+        change.fields[name] = 1
+        with pytest.raises(ValueError, match="field"):
+            await journal.apply(change)
+        assert await journal.get(row.id) == row
+
+    async def test_fencing_rejects_a_late_outcome(self, journal: Journal, peer: Journal) -> None:
+        now = time.time()
+        row = await journal.insert(make_row())
+        mine = await journal.apply(claim(row, OWNER, lease=1.0, now=now - 10))
+        assert mine is not None
+        [back] = await peer.reclaim(now, max_recoveries=5)
+        assert (back.status, back.recoveries, back.owner, back.lease_until) == (P, 1, None, None)
+        theirs = await peer.apply(claim(back, PEER))
+        assert theirs is not None
+        assert await journal.apply(finish(mine)) is None  # the stalled owner comes back
+        done = await peer.apply(finish(theirs))
+        assert done is not None
+        assert done.status is C
+        targets = [(h.source, h.target) for h in await journal.history(row.id)]
+        assert targets == [(None, P), (P, R), (R, P), (P, R), (R, C)]
+
+    async def test_two_journals_claim_one_row_exactly_once(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        rows = [await journal.insert(make_row()) for _ in range(10)]
+        wins: list[tuple[str, str]] = []
+
+        async def take(j: Journal, owner: str, row: TaskRow) -> None:
+            if await j.apply(claim(row, owner)) is not None:
+                wins.append((row.id, owner))
+
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                for _ in range(3):
+                    tg.start_soon(take, journal, OWNER, row)
+                    tg.start_soon(take, peer, PEER, row)
+        assert sorted(w[0] for w in wins) == sorted(r.id for r in rows)
+        for row in rows:
+            stored = await peer.get(row.id)
+            assert stored is not None
+            assert (stored.status, stored.version) == (R, 1)
+            assert (row.id, stored.owner) in wins
+
+    async def test_many_concurrent_applies(self, journal: Journal) -> None:
+        rows = [await journal.insert(make_row()) for _ in range(50)]
+
+        async def run(row: TaskRow) -> None:
+            claimed = await journal.apply(claim(row))
+            assert claimed is not None
+            done = await journal.apply(finish(claimed, result_json="42"))
+            assert done is not None
+            assert (done.status, done.result_json, done.version) == (C, "42", 2)
+
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(run, row)
+        assert (await journal.counts())[C] == 50
+
+    # ------------------------------------------------------------------ cancel / progress
+
+    async def test_request_cancel_reaches_only_running_rows(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        pending = await journal.insert(make_row())
+        assert await peer.request_cancel(pending.id) is None
+        assert await peer.request_cancel("nope") is None
+        running = await self.running(journal)
+        _, cursor = await journal.changes(0, OWNER)
+        asked = await peer.request_cancel(running.id)
+        assert asked is not None
+        assert asked.cancel_requested is True
+        assert asked.version == running.version  # not a transition
+        seen, _ = await journal.changes(cursor, OWNER)
+        assert [(r.id, r.cancel_requested) for r in seen] == [(running.id, True)]
+        cancelled = await journal.apply(finish(asked, X))
+        assert cancelled is not None
+        assert cancelled.cancel_requested is False
+        assert await peer.request_cancel(running.id) is None
+
+    @pytest.mark.parametrize("target", [C, F, Y, P, X])
+    async def test_leaving_running_clears_the_cancel_request(
+        self, journal: Journal, target: TaskStatus
+    ) -> None:
+        running = await self.running(journal)
+        asked = await journal.request_cancel(running.id)
+        assert asked is not None
+        after = await journal.apply(finish(asked, target))
+        assert after is not None
+        assert (after.status, after.cancel_requested) == (target, False)
+
+    async def test_progress_of_the_current_attempt_only(self, journal: Journal) -> None:
+        running = await self.running(journal)
+        await journal.set_progress(running.id, PEER, running.version, '{"fraction": 0.1}')
+        await journal.set_progress(running.id, OWNER, running.version - 1, '{"fraction": 0.2}')
+        await journal.set_progress(running.id, OWNER, running.version, '{"fraction": 0.5}')
+        await journal.renew(OWNER, time.time() + 30)  # an awaited write after the progress
+        stored = await journal.get(running.id)
+        assert stored is not None
+        assert stored.progress_json == '{"fraction": 0.5}'
+        assert stored.version == running.version
+        pending = await journal.insert(make_row())
+        await journal.set_progress(pending.id, OWNER, pending.version, "{}")
+        await journal.renew(OWNER, time.time() + 30)
+        assert await journal.get(pending.id) == pending
+
+    async def test_close_flushes_progress(
+        self, journal_factory: Callable[[], Journal], anyio_backend: object
+    ) -> None:
+        journal = journal_factory()
+        await journal.open(OWNER)
+        running = await self.running(journal)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.renew, OWNER, time.time() + 30)
+            await anyio.lowlevel.checkpoint()
+            await journal.set_progress(running.id, OWNER, running.version, '"p"')
+        await journal.close()
+        again = journal_factory()
+        await again.open(OWNER)
+        try:
+            stored = await again.get(running.id)
+            assert stored is not None
+            assert stored.progress_json == '"p"'
+        finally:
+            await again.close()
+
+    # ------------------------------------------------------------------ leases
+
+    async def test_renew_extends_own_running_rows(self, journal: Journal, peer: Journal) -> None:
+        mine = await self.running(journal, OWNER)
+        theirs = await self.running(peer, PEER)
+        pending = await journal.insert(make_row())
+        _, cursor = await peer.changes(0, PEER)
+        until = time.time() + 1000
+        await journal.renew(OWNER, until)
+        got_mine, got_theirs = await journal.get(mine.id), await journal.get(theirs.id)
+        assert got_mine is not None
+        assert got_theirs is not None
+        assert (got_mine.lease_until, got_mine.version) == (until, mine.version)
+        assert got_theirs.lease_until == theirs.lease_until
+        assert await journal.get(pending.id) == pending
+        assert (await peer.changes(cursor, PEER))[0] == []  # a heartbeat is not a change
+
+    async def test_reclaim_expired_leases(self, journal: Journal, peer: Journal) -> None:
+        now = time.time()
+        stale = await journal.insert(make_row())
+        stale = await journal.apply(claim(stale, OWNER, lease=1, now=now - 100)) or stale
+        fresh = await self.running(journal, OWNER)
+        pending = await journal.insert(make_row())
+        _, cursor = await journal.changes(0, OWNER)
+        back = await peer.reclaim(now, max_recoveries=3)
+        assert sorted(r.id for r in back) == [stale.id]
+        [row] = back
+        assert (row.status, row.recoveries, row.owner, row.lease_until) == (P, 1, None, None)
+        assert row.version == stale.version + 1
+        assert await journal.get(row.id) == row
+        assert await journal.get(fresh.id) == fresh
+        assert await journal.get(pending.id) == pending
+        last = (await journal.history(row.id))[-1]
+        assert (last.source, last.target, last.attempt) == (R, P, stale.attempts)
+        seen, _ = await journal.changes(cursor, OWNER)
+        assert [r.id for r in seen] == [row.id]
+        assert await peer.reclaim(now, max_recoveries=3) == []
+
+    async def test_reclaim_fails_a_task_interrupted_too_often(self, journal: Journal) -> None:
+        now = time.time()
+        row = await journal.insert(make_row(recoveries=2))
+        running = await journal.apply(claim(row, lease=1, now=now - 10))
+        assert running is not None
+        [failed] = await journal.reclaim(now, max_recoveries=2)
+        assert (failed.status, failed.recoveries, failed.finished_at) == (F, 3, now)
+        assert failed.error_json is not None
+        error = json.loads(failed.error_json)
+        assert "interrupted" in error["message"]
+        assert set(error) >= {"type", "message"}
+        last = (await journal.history(row.id))[-1]
+        assert (last.source, last.target) == (R, F)
+        assert last.error is not None
+
+    # ------------------------------------------------------------------ queries
+
+    async def test_list_newest_first_with_filters(self, journal: Journal) -> None:
+        a = await journal.insert(make_row(queue="q1", name="n1"))
+        b = await journal.insert(make_row(queue="q2", name="n1"))
+        c = await journal.insert(make_row(queue="q1", name="n2"))
+        d = await self.running(journal, queue="q1", name="n1")
+
+        def ids(rows: list[TaskRow]) -> list[str]:
+            return [r.id for r in rows]
+
+        assert ids(await journal.list()) == [d.id, c.id, b.id, a.id]
+        assert ids(await journal.list(limit=2)) == [d.id, c.id]
+        assert ids(await journal.list(status=P)) == [c.id, b.id, a.id]
+        assert ids(await journal.list(status=R)) == [d.id]
+        assert ids(await journal.list(queue="q1")) == [d.id, c.id, a.id]
+        assert ids(await journal.list(name="n1", queue="q1", status=P)) == [a.id]
+        assert await journal.list(status=C) == []
+
+    async def test_runnable_in_priority_order_with_a_cursor(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        low = await journal.insert(make_row(priority=-1))
+        first = await journal.insert(make_row(priority=5))
+        second = await journal.insert(make_row(priority=5))
+        mid = await journal.insert(make_row())
+        await self.running(journal)
+        retrying = await self.running(journal, priority=1)
+        retrying = await journal.apply(finish(retrying, Y, finished_at=None)) or retrying
+        assert retrying.status is Y
+        rows, cursor = await journal.runnable()
+        assert [r.id for r in rows] == [first.id, second.id, retrying.id, mid.id, low.id]
+        assert await journal.changes(cursor, "nobody") == ([], cursor)
+        new = await peer.insert(make_row())
+        seen, after = await journal.changes(cursor, OWNER)
+        assert [r.id for r in seen] == [new.id]
+        assert after > cursor
+
+    async def test_changes_skip_the_caller_and_advance(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        _, start = await journal.changes(0, OWNER)
+        mine = await journal.insert(make_row())
+        theirs = await peer.insert(make_row())
+        seen, cursor = await journal.changes(start, OWNER)
+        assert [r.id for r in seen] == [theirs.id]
+        assert cursor > start
+        assert await journal.changes(cursor, OWNER) == ([], cursor)
+        claimed = await peer.apply(claim(mine, PEER))
+        assert claimed is not None
+        seen, cursor2 = await journal.changes(cursor, OWNER)
+        assert seen == [claimed]
+        assert cursor2 > cursor
+        everything, _ = await journal.changes(start, "nobody")
+        assert {r.id for r in everything} == {mine.id, theirs.id}
+        assert (await peer.changes(start, PEER))[0] == []  # peer wrote both last
+
+    async def test_counts_every_status(self, journal: Journal) -> None:
+        assert await journal.counts() == dict.fromkeys(TaskStatus, 0)
+        await journal.insert(make_row())
+        await journal.insert(make_row())
+        running = await self.running(journal)
+        await journal.apply(finish(running))
+        counts = await journal.counts()
+        assert set(counts) == set(TaskStatus)
+        assert (counts[P], counts[R], counts[C], counts[F]) == (2, 0, 1, 0)
+
+    # ------------------------------------------------------------------ purge
+
+    async def test_purge_deletes_old_finished_rows_in_batches(self, journal: Journal) -> None:
+        old: list[str] = []
+        for target in (C, F, X, C, C):
+            running = await self.running(journal)
+            done = await journal.apply(finish(running, target))
+            assert done is not None
+            old.append(done.id)
+        cutoff = time.time() + 0.001
+        await anyio.sleep(0.01)
+        recent = await journal.apply(finish(await self.running(journal)))
+        assert recent is not None
+        pending = await journal.insert(make_row())
+        retrying = await self.running(journal)
+        retrying = await journal.apply(finish(retrying, Y)) or retrying  # finished_at set
+        assert await journal.purge(cutoff, batch=2) == 5
+        for task_id in old:
+            assert await journal.get(task_id) is None
+            assert await journal.history(task_id) == []
+        for keep in (recent, pending, retrying):
+            assert await journal.get(keep.id) is not None
+            assert await journal.history(keep.id) != []
+        assert await journal.purge(cutoff) == 0
+
+    async def test_cursor_keeps_growing_after_purge(self, journal: Journal, peer: Journal) -> None:
+        done = await journal.apply(finish(await self.running(journal)))
+        assert done is not None
+        _, cursor = await journal.changes(0, OWNER)
+        assert await journal.purge(time.time() + 1) == 1
+        new = await peer.insert(make_row())
+        seen, after = await journal.changes(cursor, OWNER)
+        assert [r.id for r in seen] == [new.id]
+        assert after > cursor

@@ -1,0 +1,274 @@
+"""SQLiteJournal on files it cannot use: a clear JournalError, and the file left as it was.
+
+Tests run as root, which ignores file modes, so "read-only" is a read-only bind mount in a
+private mount namespace (``unshare -m``), and "disk full" is ``RLIMIT_FSIZE`` in a child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from background_tasks._errors import JournalError
+from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
+from background_tasks.testing import OWNER, make_row
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+async def _open_fails(path: Path | str, match: str) -> JournalError:
+    journal = SQLiteJournal(path)
+    with pytest.raises(JournalError, match=match) as info:
+        await journal.open(OWNER)
+    assert str(path) in str(info.value)
+    await journal.close()  # still safe
+    return info.value
+
+
+async def _make_journal(path: Path, rows: int = 3) -> list[str]:
+    journal = SQLiteJournal(path)
+    await journal.open(OWNER)
+    ids = [(await journal.insert(make_row())).id for _ in range(rows)]
+    await journal.close()
+    return ids
+
+
+async def test_garbage_file_is_not_a_database(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    path.write_bytes(os.urandom(8192))
+    before = _snapshot(tmp_path)
+    error = await _open_fails(path, "not an SQLite database")
+    assert isinstance(error.__cause__, sqlite3.DatabaseError)
+    assert _snapshot(tmp_path) == before
+
+
+async def test_text_file_is_not_a_database(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    path.write_text("name,queue\nsend,default\n" * 100)
+    before = _snapshot(tmp_path)
+    await _open_fails(path, "not an SQLite database")
+    assert _snapshot(tmp_path) == before
+
+
+async def test_corrupt_pages_raise_journal_error(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    await _make_journal(path, rows=50)
+    data = bytearray(path.read_bytes())
+    data[4096:] = os.urandom(len(data) - 4096)  # keep the header page, ruin the rest
+    path.write_bytes(bytes(data))
+    journal = SQLiteJournal(path)
+
+    async def use() -> None:
+        try:
+            await journal.open(OWNER)
+            await journal.list()
+            await journal.runnable()
+        finally:
+            await journal.close()
+
+    with pytest.raises(JournalError, match=str(path)):
+        await use()
+
+
+async def test_newer_schema_is_refused_untouched(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    await _make_journal(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,))
+    conn.close()
+    before = _snapshot(tmp_path)
+    await _open_fails(path, f"schema version {SCHEMA_VERSION + 1} is newer")
+    assert _snapshot(tmp_path) == before
+
+
+async def test_other_sqlite_database_is_left_alone(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.close()
+    before = _snapshot(tmp_path)
+    await _open_fails(path, "not a background_tasks journal")
+    assert _snapshot(tmp_path) == before
+
+
+async def test_directory_is_refused(tmp_path: Path, anyio_backend: object) -> None:
+    await _open_fails(tmp_path, "is a directory")
+
+
+async def test_missing_directory_is_refused(tmp_path: Path, anyio_backend: object) -> None:
+    await _open_fails(tmp_path / "nope" / "tasks.db", "does not exist")
+    assert not (tmp_path / "nope").exists()
+
+
+async def test_create_false_refuses_a_missing_file(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    journal = SQLiteJournal(path, create=False)
+    with pytest.raises(JournalError, match="no such file"):
+        await journal.open(OWNER)
+    assert not path.exists()
+    ids = await _make_journal(path)
+    journal = SQLiteJournal(path, create=False)
+    await journal.open(OWNER)
+    try:
+        assert [r.id for r in await journal.list()] == ids[::-1]
+    finally:
+        await journal.close()
+
+
+async def test_empty_file_becomes_a_journal(tmp_path: Path, anyio_backend: object) -> None:
+    path = tmp_path / "tasks.db"
+    path.touch()
+    assert len(await _make_journal(path)) == 3
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _child(
+    code: str, *args: str, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+_OPEN_CHILD = """
+    import sys, anyio
+    from background_tasks.journal.sqlite import SQLiteJournal
+    from background_tasks._errors import JournalError
+
+    async def main():
+        journal = SQLiteJournal(sys.argv[1])
+        try:
+            await journal.open("child")
+        except JournalError as exc:
+            print("JournalError:", exc)
+        else:
+            print("opened")
+        finally:
+            await journal.close()
+
+    anyio.run(main)
+"""
+
+
+def _read_only_prefix(directory: Path) -> list[str]:
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    prefix = ["unshare", "-m", "sh", "-c", script, str(directory)]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr!r}")
+    return prefix
+
+
+@pytest.mark.slow
+async def test_read_only_journal_is_refused_untouched(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("a subprocess test; one backend is enough")
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    path = directory / "tasks.db"
+    await _make_journal(path)
+    before = _snapshot(directory)
+    result = _child(_OPEN_CHILD, str(path), prefix=_read_only_prefix(directory))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("JournalError:"), result.stdout
+    assert str(path) in result.stdout
+    assert "read-only" in result.stdout or "not writable" in result.stdout
+    assert _snapshot(directory) == before
+    missing = _child(_OPEN_CHILD, str(directory / "new.db"), prefix=_read_only_prefix(directory))
+    assert missing.stdout.startswith("JournalError:"), missing.stdout + missing.stderr
+    assert not (directory / "new.db").exists()
+
+
+_DISK_FULL_CHILD = """
+    import json, resource, signal, sys, anyio
+    from background_tasks.journal.sqlite import SQLiteJournal
+    from background_tasks._errors import JournalError
+    from background_tasks.testing import make_row
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path, limit, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+    async def main():
+        journal = SQLiteJournal(path)
+        if mode == "open":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        try:
+            await journal.open("child")
+        except JournalError as exc:
+            print(json.dumps({"open_error": str(exc)}))
+            return
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        acked, errors = [], []
+
+        async def submit():
+            while not errors:
+                row = make_row(args_json=json.dumps(["x" * 2000]))
+                try:
+                    acked.append((await journal.insert(row)).id)
+                except JournalError as exc:
+                    errors.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(submit)
+        await journal.close()
+        print(json.dumps({"acked": acked, "error": errors[0]}))
+
+    anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+async def test_disk_full_loses_nothing_acknowledged(tmp_path: Path, anyio_backend: object) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("a subprocess test; one backend is enough")
+    path = tmp_path / "tasks.db"
+    earlier = await _make_journal(path, rows=5)
+    result = _child(_DISK_FULL_CHILD, str(path), str(512 * 1024), "write")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert str(path) in report["error"]
+    assert len(report["acked"]) > 20
+    journal = SQLiteJournal(path)
+    await journal.open(OWNER)
+    try:
+        stored = {r.id for r in await journal.list(limit=100_000)}
+        assert set(earlier) <= stored
+        assert set(report["acked"]) <= stored
+        await journal.insert(make_row())  # and the journal is usable again
+    finally:
+        await journal.close()
+
+
+@pytest.mark.slow
+async def test_disk_full_at_open(tmp_path: Path, anyio_backend: object) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("a subprocess test; one backend is enough")
+    path = tmp_path / "tasks.db"
+    result = _child(_DISK_FULL_CHILD, str(path), "0", "open")
+    assert result.returncode == 0, result.stderr
+    error = json.loads(result.stdout)["open_error"]
+    assert str(path) in error
+    assert "disk" in error
