@@ -281,7 +281,7 @@ async def cancel_row(journal: Journal, owner: str, task_id: str) -> bool:
             continue
         now = time.time()
         fields = {"finished_at": now, "owner": None, "lease_until": None}
-        if await journal.apply(apply_row(owner, row, CANCELLED, fields)) is not None:
+        if await journal.apply(apply_row(owner, row, CANCELLED, fields)):
             return True
     return False
 
@@ -296,8 +296,9 @@ async def requeue_row(journal: Journal, owner: str, task_id: str) -> TaskRow:
                 "only failed or cancelled tasks can be requeued; "
                 f"task {task_id} is {row.status.value}"
             )
-        new = await journal.apply(apply_row(owner, row, PENDING, _requeue_fields(time.time())))
-        if new is not None:
+        if await journal.apply(apply_row(owner, row, PENDING, _requeue_fields(time.time()))):
+            new = await journal.get(task_id)
+            assert new is not None
             return new
     raise InvalidTransition(f"task {task_id} kept changing while being requeued")
 

@@ -708,13 +708,13 @@ class BackgroundTaskManager:
             change = _durable.change(self, task, target, now, result, info, retry_at)
             task.busy = True
             try:
-                row = await journal.apply(change)
+                applied = await journal.apply(change)
             finally:
                 task.busy = False
-            if row is None:
+            if not applied:
                 self._lose(task)
                 return False
-            task.version = row.version
+            task.version = change.version + 1
         self._commit(task, target, now, result, error, retry_at, info)
         return True
 

@@ -88,11 +88,12 @@ class Journal(Protocol):
         return that task's row instead (the caller compares ids).
         """
 
-    async def apply(self, change: Change) -> TaskRow | None:
-        """Apply a change if the row is at ``change.version`` and in ``change.source``.
+    async def apply(self, change: Change) -> bool:
+        """Apply a change if the row is at ``change.version`` and in ``change.source``;
+        the row's version becomes ``change.version + 1``.
 
-        Returns the updated row, or None when the condition did not hold (someone else
-        claimed, cancelled or reclaimed the task). Durable before it returns.
+        False when the condition did not hold (someone else claimed, cancelled or
+        reclaimed the task). Durable before it returns.
         """
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:
