@@ -276,7 +276,14 @@ class BackgroundTaskManager:
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """A FastAPI/Starlette lifespan: ``FastAPI(lifespan=manager.lifespan)``."""
+        """A FastAPI/Starlette lifespan: ``FastAPI(lifespan=manager.lifespan)``.
+
+        It also leaves the manager on ``app.state`` for ``background_tasks.fastapi``'s
+        dependencies to find.
+        """
+        state = getattr(app, "state", None)
+        if state is not None:
+            state.background_tasks_manager = self
         async with self:
             yield
 
