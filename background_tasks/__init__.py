@@ -29,7 +29,6 @@ from ._registry import TaskRegistry as TaskRegistry
 from ._retry import RetryPolicy as RetryPolicy
 from ._states import TRANSITIONS as TRANSITIONS
 from ._states import TaskStatus as TaskStatus
-
 from .journal.sqlite import SQLiteJournal as SQLiteJournal
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -50,11 +51,29 @@ async def run_attempt(
         if scope.cancel_called:  # raised while being cancelled: still a cancellation
             return cut_short(task)
         return Ended.ERROR, exc
+    except anyio.get_cancelled_exc_class() as exc:
+        # Nobody cancelled this attempt or the manager: the task raised the backend's
+        # cancellation exception itself (asyncio.CancelledError). That is its failure,
+        # not a reason to tear down the worker and the application around it.
+        if scope.cancel_called or _cancel_requested(exc):
+            raise
+        return Ended.ERROR, exc
     finally:
         task.scope = None
         _current.reset(token)
         if timeout is not None:
             scope.deadline = math.inf
+
+
+def _cancel_requested(exc: BaseException) -> bool:
+    """Whether a cancellation exception came from a real cancel request. Only asyncio lets
+    a coroutine raise its cancellation exception by hand; there a real request shows in
+    the task's ``cancelling()`` count (anyio cancels through ``Task.cancel``)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None or not isinstance(exc, asyncio.CancelledError):
+        return True
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def cut_short(task: Task) -> tuple[Ended, Any]:

@@ -55,6 +55,11 @@ _WAITING = frozenset({PENDING, RETRYING})
 _NO_DEFAULTS: dict[str, Any] = {"queue": None, "priority": None, "timeout": None, "retry": None}
 
 
+_STAT_FIELDS = frozenset(
+    {"pending", "running", "retrying", "completed", "failed", "cancelled", "queued"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Statistics:
     """Counts by status of the tasks this manager has handled, and its queue right now."""
@@ -69,7 +74,10 @@ class Statistics:
     by_status: dict[TaskStatus, int] = field(default_factory=dict)
 
     def __getitem__(self, name: str | TaskStatus) -> int:
-        return int(getattr(self, TaskStatus(name).value if isinstance(name, TaskStatus) else name))
+        key = name.value if isinstance(name, TaskStatus) else name
+        if key not in _STAT_FIELDS:
+            raise KeyError(name)
+        return int(getattr(self, key))
 
 
 def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
@@ -113,8 +121,11 @@ class BackgroundTaskManager:
         if journal is not None and not isinstance(journal, Journal):
             raise ValueError(f"journal must be a journal (SQLiteJournal, ...), got {journal!r}")
         self.journal = journal
-        self.default_timeout = check_timeout(default_timeout, "default_timeout")
-        self.default_retry = check_retry(default_retry, "default_retry")
+        try:
+            self.default_timeout = check_timeout(default_timeout, "default_timeout")
+            self.default_retry = check_retry(default_retry, "default_retry")
+        except TypeError as exc:  # bad configuration is a ValueError, as API.md says
+            raise ValueError(str(exc)) from None
         self.max_pending = _check_int("max_pending", max_pending, 1, optional=True)
         if (
             isinstance(shutdown_timeout, bool)
@@ -182,7 +193,7 @@ class BackgroundTaskManager:
         """Register an ``async def`` function as a task (needed to journal it)."""
         if queue is not None:
             self._check_queue(queue)
-        return self.registry.task(
+        return self.registry._task(
             fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
         )
 
@@ -201,6 +212,11 @@ class BackgroundTaskManager:
     @property
     def running(self) -> bool:
         return self._state == "running"
+
+    @property
+    def _live(self) -> bool:
+        """Started and not yet closed: tasks still finish and the journal is open."""
+        return self._state in ("running", "closing")
 
     async def __aenter__(self) -> BackgroundTaskManager:
         if self._state in ("running", "closing"):
@@ -476,8 +492,10 @@ class BackgroundTaskManager:
         return None
 
     def _check_queue(self, queue: object) -> None:
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(f"queue must be a non-empty str, got {queue!r}")
+        if not isinstance(queue, str):
+            raise TypeError(f"queue must be a str, got {queue!r}")
+        if not queue:
+            raise ValueError("queue must be a non-empty str")
         if self.queues is not None and queue != "default" and queue not in self.queues:
             names = ", ".join(["default", *sorted(self.queues)])
             raise ValueError(f"unknown queue {queue!r}: this manager has {names}")
@@ -489,7 +507,7 @@ class BackgroundTaskManager:
         return TaskHandle(self, task_id, self._tasks.get(task_id))
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        if self.journal is not None and self._state == "running":  # the source of truth
+        if self.journal is not None and self._live:  # the source of truth
             row = await self.journal.get(task_id)
             return None if row is None else _durable.record(row)
         task = self._tasks.get(task_id)
@@ -510,7 +528,7 @@ class BackgroundTaskManager:
         )
         limit_ = _check_int("limit", limit, 0)
         assert limit_ is not None
-        if self.journal is not None and self._state == "running":
+        if self.journal is not None and self._live:
             rows = await self.journal.list(status=wanted, queue=queue, name=name, limit=limit_)
             return [_durable.record(row) for row in rows]
         out: builtins.list[TaskRecord] = []
@@ -527,7 +545,7 @@ class BackgroundTaskManager:
 
     async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
         """The journaled transitions of a task, oldest first (empty without a journal)."""
-        if self.journal is None or self._state != "running":
+        if self.journal is None or not self._live:
             return []
         return await self.journal.history(task_id)
 
@@ -535,7 +553,7 @@ class BackgroundTaskManager:
         """Cancel a pending, retrying or running task; False if finished or unknown."""
         task = self._tasks.get(task_id)
         if task is None or task.remote:
-            if self.journal is None or self._state != "running":
+            if self.journal is None or not self._live:
                 return False
             return await _durable.cancel_elsewhere(self, self.journal, task_id)
         if task.status.is_terminal:
@@ -581,9 +599,14 @@ class BackgroundTaskManager:
 
     async def purge(self, older_than: float | timedelta) -> int:
         """Delete finished tasks that finished more than ``older_than`` ago."""
-        age = check_delay(older_than)
+        try:
+            age = check_delay(older_than)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"older_than must be seconds >= 0 or a timedelta, got {older_than!r}"
+            ) from None
         cutoff = time.time() - age
-        if self.journal is not None and self._state == "running":
+        if self.journal is not None and self._live:
             return await self.journal.purge(cutoff)
         old = [i for i in self._finished if (self._tasks[i].finished_at or 0) < cutoff]
         for task_id in old:
@@ -614,7 +637,7 @@ class BackgroundTaskManager:
             if task is not None and not task.remote:
                 if task.status.is_terminal:
                     return _result_of(task_id, task.status, task.result, task.error, task.exc)
-                if self._state != "running":
+                if not self._live:
                     raise ManagerNotRunning(f"the manager stopped before task {task_id} finished")
                 event = task.waiters
                 if event is None:
@@ -623,7 +646,7 @@ class BackgroundTaskManager:
                 continue
             if self.journal is None:
                 raise TaskNotFound(task_id)
-            if self._state != "running":
+            if not self._live:
                 raise ManagerNotRunning(
                     f"the manager is not running; cannot wait for task {task_id}"
                 )
@@ -740,13 +763,14 @@ class BackgroundTaskManager:
         source = task.status
         if target not in TRANSITIONS[source]:
             check_transition(source, target)  # raises InvalidTransition
+        if info is None and error is not None:
+            info = ErrorInfo.from_exception(error)
         counts = self._counts
         counts[source] -= 1
         counts[target] += 1
         task.status = target
-        if info is None and error is not None:
-            info = ErrorInfo.from_exception(error)
         if target is RUNNING:
+            task.interrupted = False
             task.attempts += 1
             if task.started_at is None:
                 task.started_at = now
@@ -818,16 +842,16 @@ class BackgroundTaskManager:
         self._counts[task.status] -= 1
         if task.key is not None and self._keys.get(task.key) is task:
             del self._keys[task.key]
+        if task.waiters is not None:  # awaiters look again (the journal, or stopped)
+            task.waiters.set()
+            task.waiters = None
 
     def _lose(self, task: Task) -> None:
         """Another manager changed this task first: it is no longer ours to run or finish."""
         self._queue.discard(task)
         self._running_tasks.discard(task)
-        self._forget(task)
         task.remote = True
-        if task.waiters is not None:  # awaiters switch to watching the journal
-            task.waiters.set()
-            task.waiters = None
+        self._forget(task)  # awaiters switch to watching the journal
 
     async def _progress(self, task: Task) -> None:
         if self.journal is not None and task.progress is not None:

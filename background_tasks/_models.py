@@ -37,8 +37,15 @@ class ErrorInfo(BaseModel):
         if module.startswith("background_tasks._"):  # our errors by their public name
             module = "background_tasks"
         name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
-        text = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
-        return cls.model_construct(type=name, message=str(exc), traceback=text)
+        try:
+            message = str(exc)
+        except Exception:  # an exception that cannot print itself still fails its task
+            message = f"<unprintable {kind.__qualname__}>"
+        try:
+            text = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
+        except Exception:
+            text = None
+        return cls.model_construct(type=name, message=message, traceback=text)
 
 
 class Progress(BaseModel):

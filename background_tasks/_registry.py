@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
@@ -113,9 +113,24 @@ class TaskRegistry:
             )
         return self._manager
 
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> RegisteredTask[P, R]: ...
+
+    @overload
     def task(
         self,
-        fn: Callable[P, Coroutine[Any, Any, R]] | None = None,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], RegisteredTask[P, R]]: ...
+
+    def task(  # type: ignore[misc]  # mypy mistakes the ParamSpec in overload 2's return
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | None = None,
+        /,
         *,
         name: str | None = None,
         timeout: float | None = None,
@@ -124,6 +139,20 @@ class TaskRegistry:
         priority: int | None = None,
     ) -> Any:
         """Register an ``async def`` function: ``@registry.task`` or ``@registry.task(...)``."""
+        return self._task(
+            fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
+        )
+
+    def _task(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | None,
+        *,
+        name: str | None,
+        timeout: float | None,
+        retry: RetryPolicy | None,
+        queue: str | None,
+        priority: int | None,
+    ) -> Any:
         from ._validate import check_priority, check_retry, check_timeout
 
         options = {
@@ -135,7 +164,7 @@ class TaskRegistry:
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise ValueError(f"queue must be a non-empty str, got {queue!r}")
 
-        def register(f: Callable[P, Coroutine[Any, Any, R]]) -> RegisteredTask[P, R]:
+        def register(f: Callable[..., Coroutine[Any, Any, Any]]) -> RegisteredTask[Any, Any]:
             if not is_async_callable(f):
                 raise TypeError(f"{f!r} is not an async def function; only those can be tasks")
             task_name = name if name is not None else getattr(f, "__qualname__", repr(f))

@@ -20,7 +20,9 @@ def check_timeout(value: Any, what: str) -> float | None:
     """None, or seconds > 0 (math.inf means no timeout)."""
     if value is None:
         return None
-    if not _is_number(value) or math.isnan(value) or value <= 0:
+    if not _is_number(value):
+        raise TypeError(f"{what} must be a number of seconds > 0 (or None), got {value!r}")
+    if math.isnan(value) or value <= 0:
         raise ValueError(f"{what} must be a number of seconds > 0 (or None), got {value!r}")
     return float(value)
 
@@ -42,10 +44,10 @@ def check_delay(value: Any) -> float:
         return 0.0
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif _is_number(value) and not math.isnan(value):
+    elif _is_number(value):
         seconds = float(value)
     else:
         raise TypeError(f"delay must be seconds or a timedelta, got {value!r}")
-    if seconds < 0 or math.isinf(seconds):
+    if seconds < 0 or math.isinf(seconds) or math.isnan(seconds):
         raise ValueError(f"delay must be finite and >= 0, got {value!r}")
     return seconds

@@ -19,6 +19,7 @@ from ._states import TaskStatus
 
 if TYPE_CHECKING:
     from ._manager import BackgroundTaskManager
+    from ._queue import ReadyQueue
     from ._task import Task
 
 __all__ = ["decide", "worker_loop"]
@@ -36,31 +37,41 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
     while not manager._closing:
         scope = scope_cls()
         current: Task | None = None  # the task whose attempt a cancellation would cut short
-        with scope:
-            while not manager._closing and not scope.cancel_called:
-                task = queue.pop()
-                if task is None:
-                    event = event_cls()
-                    idle.append(event)
-                    await event.wait()
-                    continue
-                try:
-                    current = task
-                    await run(manager, task, scope)
-                    current = None
-                except Exception:  # a bug or a journal failure must not stop the worker
-                    current = None
-                    log.exception("worker_error", task_id=task.id, name=task.name)
-                finally:
-                    if current is None and queue.release(task.queue):
-                        manager._wake(1)
-        if current is not None:  # the scope was cancelled inside this task's attempt
-            try:
-                with anyio.CancelScope(shield=True):
-                    await _record(manager, current, *cut_short(current))
-            finally:
-                if queue.release(current.queue):
-                    manager._wake(1)
+        try:
+            with scope:
+                while not manager._closing and not scope.cancel_called:
+                    task = queue.pop()
+                    if task is None:
+                        event = event_cls()
+                        idle.append(event)
+                        await event.wait()
+                        continue
+                    try:
+                        current = task
+                        await run(manager, task, scope)
+                        current = None
+                    except Exception:  # a bug or a journal failure must not stop the worker
+                        current = None
+                        log.exception("worker_error", task_id=task.id, name=task.name)
+                    finally:
+                        if current is None and queue.release(task.queue):
+                            manager._wake(1)
+        except BaseException:  # cancelled from outside (the app's scope): record, then go
+            if current is not None:
+                current.interrupted = True
+                await _cut_short(manager, queue, current)
+            raise
+        if current is not None:  # this worker's scope was cancelled inside the attempt
+            await _cut_short(manager, queue, current)
+
+
+async def _cut_short(manager: BackgroundTaskManager, queue: ReadyQueue, task: Task) -> None:
+    try:
+        with anyio.CancelScope(shield=True):
+            await _record(manager, task, *cut_short(task))
+    finally:
+        if queue.release(task.queue):
+            manager._wake(1)
 
 
 async def _run_in_memory(
