@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import BackgroundTasksError, InvalidTransition, TaskNotFound
-from ._events import debug_enabled, log
+from ._events import DEBUG, is_enabled, log
 from ._models import ErrorInfo, Progress, TaskRecord, dumps, loads, utc
 from ._retry import RetryPolicy
 from ._states import TaskStatus, check_transition
@@ -209,6 +209,9 @@ async def serve(manager: BackgroundTaskManager, journal: Journal) -> None:
     """Heartbeat (every lease/3), reclaim (every lease/2), and watch others' changes."""
     lease = journal.lease_timeout
     next_renew = next_reclaim = anyio.current_time()
+    # A journal that can push changes (PostgreSQL's LISTEN/NOTIFY) wakes this loop early;
+    # the others are polled every poll_interval.
+    wait_for_changes = getattr(journal, "wait_for_changes", None)
     while True:
         try:
             now = anyio.current_time()
@@ -222,9 +225,14 @@ async def serve(manager: BackgroundTaskManager, journal: Journal) -> None:
             rows, manager._cursor = await journal.changes(manager._cursor, manager.owner)
             for row in rows:
                 _seen(manager, row)
+            if wait_for_changes is None:
+                await anyio.sleep(manager.poll_interval)
+            else:  # at most 1 s, so a cancel from elsewhere still lands within a second
+                now = anyio.current_time()
+                await wait_for_changes(max(0.01, min(1.0, next_renew - now, next_reclaim - now)))
         except BackgroundTasksError as exc:
             log.error("journal_error", error=str(exc))
-        await anyio.sleep(manager.poll_interval)
+            await anyio.sleep(manager.poll_interval)
 
 
 def _seen(manager: BackgroundTaskManager, row: TaskRow) -> None:
@@ -254,7 +262,7 @@ def apply_row(
 ) -> Change:
     """The change for a task known only by its row (checked against the table)."""
     check_transition(row.status, target)
-    if debug_enabled():
+    if is_enabled(DEBUG):
         log.debug(
             "task_transition",
             task_id=row.id,

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["debug_enabled", "log", "warning_enabled"]
+__all__ = ["DEBUG", "WARNING", "is_enabled", "log"]
 
 _stdlib = logging.getLogger("background_tasks")
 _stdlib.addHandler(logging.NullHandler())  # a library stays silent unless the app routes it
@@ -19,12 +19,6 @@ _stdlib.addHandler(logging.NullHandler())  # a library stays silent unless the a
 log: Any = structlog.wrap_logger(_stdlib, wrapper_class=structlog.stdlib.BoundLogger)
 
 
-def debug_enabled() -> bool:
-    return _is_enabled(logging.DEBUG)
-
-
-def warning_enabled() -> bool:
-    return _is_enabled(logging.WARNING)
-
-
-_is_enabled = _stdlib.isEnabledFor  # logging caches the answer; skip one attribute lookup
+DEBUG, WARNING = logging.DEBUG, logging.WARNING
+#: ``is_enabled(DEBUG)``: logging caches the answer, so a silent event costs one call.
+is_enabled = _stdlib.isEnabledFor

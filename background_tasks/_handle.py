@@ -17,6 +17,10 @@ __all__ = ["TaskHandle"]
 T = TypeVar("T")
 
 
+async def _done(value: T) -> T:
+    return value
+
+
 class TaskHandle(Generic[T]):
     """``await handle`` gives the task's return value or raises TaskFailed/TaskCancelled.
 
@@ -41,6 +45,9 @@ class TaskHandle(Generic[T]):
         return hash(self.id)
 
     def __await__(self) -> Generator[Any, None, T]:
+        task = self._task
+        if task is not None and task.status.is_terminal and not task.remote:
+            return _done(self._manager._result(task)).__await__()  # no wait, no scope
         return self.result().__await__()
 
     async def result(self, timeout: float | None = None) -> T:

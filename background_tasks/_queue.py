@@ -1,15 +1,18 @@
 """The ready queue: priority then FIFO, per-queue limits, and a heap of not-before times.
 
-Entries are ``(-priority, seq, task)`` tuples; a task's live entry is the one whose seq
-equals ``task.seq``, so cancelling or re-queueing never searches a heap (stale entries
-are dropped when they reach the top). A queue at its limit is skipped, never blocking
-another queue.
+Each named queue holds one deque of tasks per priority (most work uses one priority, so a
+push and a pop are a deque append and popleft: no tuple per task, nothing for the garbage
+collector to track). A task is live in the queue while ``task.seq >= 0``; cancelling
+just marks it, and a stale entry is dropped when it reaches the front. A queue at its
+limit is skipped, never blocking another queue.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Mapping
 
 from ._task import Task
@@ -17,11 +20,42 @@ from ._task import Task
 __all__ = ["ReadyQueue"]
 
 
+class _Lane:
+    """One named queue: a deque per priority, and those priorities, highest first."""
+
+    __slots__ = ("by_priority", "order")
+
+    def __init__(self) -> None:
+        self.by_priority: dict[int, deque[Task]] = {}
+        self.order: list[int] = []  # negated priorities, ascending: highest priority first
+
+    def push(self, task: Task) -> None:
+        lane = self.by_priority.get(task.priority)
+        if lane is None:
+            lane = self.by_priority[task.priority] = deque()
+            bisect.insort(self.order, -task.priority)
+        lane.append(task)
+
+    def front(self) -> Task | None:
+        """The next live task, dropping stale entries and emptied priorities."""
+        for negated in self.order:
+            lane = self.by_priority[-negated]
+            while lane:
+                task = lane[0]
+                if task.seq >= 0:
+                    return task
+                lane.popleft()
+            del self.by_priority[-negated]
+            self.order.remove(negated)
+            return self.front()
+        return None
+
+
 class ReadyQueue:
-    __slots__ = ("_delayed", "_heaps", "_limits", "_running", "_seq", "size")
+    __slots__ = ("_delayed", "_lanes", "_limits", "_running", "_seq", "size")
 
     def __init__(self, limits: Mapping[str, int]) -> None:
-        self._heaps: dict[str, list[tuple[int, int, Task]]] = {}
+        self._lanes: dict[str, _Lane] = {}
         self._delayed: list[tuple[float, int, Task]] = []
         self._limits = dict(limits)
         self._running = dict.fromkeys(self._limits, 0)
@@ -29,11 +63,11 @@ class ReadyQueue:
         self.size = 0  # live entries, ready and delayed
 
     def push(self, task: Task) -> None:
-        seq = task.seq = next(self._seq)
-        heap = self._heaps.get(task.queue)
-        if heap is None:
-            heap = self._heaps[task.queue] = []
-        heapq.heappush(heap, (-task.priority, seq, task))
+        task.seq = next(self._seq)
+        lane = self._lanes.get(task.queue)
+        if lane is None:
+            lane = self._lanes[task.queue] = _Lane()
+        lane.push(task)
         self.size += 1
 
     def push_delayed(self, task: Task, due: float) -> bool:
@@ -56,7 +90,7 @@ class ReadyQueue:
         return delayed[0][0] if delayed else None
 
     def promote(self, now: float) -> int:
-        """Move delayed tasks that are due into the ready heaps; how many moved."""
+        """Move delayed tasks that are due into the ready lanes; how many moved."""
         delayed = self._delayed
         moved = 0
         while delayed and delayed[0][0] <= now:
@@ -69,26 +103,24 @@ class ReadyQueue:
 
     def pop(self) -> Task | None:
         """The best ready task whose queue has room, or None; takes a slot of its queue."""
-        best: tuple[int, int, Task] | None = None
-        best_heap: list[tuple[int, int, Task]] | None = None
-        for name, heap in self._heaps.items():
-            while heap and heap[0][2].seq != heap[0][1]:
-                heapq.heappop(heap)
-            if not heap:
+        best: Task | None = None
+        for name, lane in self._lanes.items():
+            task = lane.front()
+            if task is None:
                 continue
             limit = self._limits.get(name)
             if limit is not None and self._running[name] >= limit:
                 continue
-            if best is None or heap[0] < best:
-                best, best_heap = heap[0], heap
-        if best_heap is None:
+            if best is None or (-task.priority, task.seq) < (-best.priority, best.seq):
+                best = task
+        if best is None:
             return None
-        task = heapq.heappop(best_heap)[2]
-        task.seq = -1
+        self._lanes[best.queue].by_priority[best.priority].popleft()
+        best.seq = -1
         self.size -= 1
-        if task.queue in self._running:
-            self._running[task.queue] += 1
-        return task
+        if best.queue in self._running:
+            self._running[best.queue] += 1
+        return best
 
     def release(self, queue: str) -> bool:
         """Give back a slot taken by pop; True if that queue has a limit (so waiters may run)."""

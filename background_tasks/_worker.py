@@ -80,11 +80,14 @@ async def _run_in_memory(
     status = task.status
     if status is not PENDING and status is not RETRYING:
         return  # cancelled while queued
-    manager._commit(task, RUNNING, time.time())
+    manager._start(task)
     running = manager._running_tasks
     running.add(task)
     ended, value = await run_attempt(task, manager, scope)
     running.discard(task)
+    if ended is Ended.OK and not task.cancel_requested:
+        manager._complete(task, value)
+        return
     target, result, error, retry_at = decide(task, ended, value)
     manager._commit(task, target, time.time(), result, error, retry_at)
     if target is RETRYING:
