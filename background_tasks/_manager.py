@@ -880,6 +880,11 @@ class BackgroundTaskManager:
 
     def _lose(self, task: Task) -> None:
         """Another manager changed this task first: it is no longer ours to run or finish."""
+        if task.status is RUNNING and is_enabled(WARNING):  # we stalled past our lease
+            log.warning(
+                "task_outcome_fenced", task_id=task.id, name=task.name, queue=task.queue,
+                attempt=task.attempts, reason="the task was reclaimed by another owner",
+            )  # fmt: skip
         self._queue.discard(task)
         self._running_tasks.discard(task)
         task.remote = True

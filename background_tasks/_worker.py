@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 __all__ = ["decide", "worker_loop"]
 
+#: A worker yields to the event loop after this many tasks in a row: tasks that finish
+#: without awaiting would otherwise run back to back and starve everything else.
+_FAIR_SHARE = 64
+
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 
@@ -33,7 +37,8 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
     idle = manager._idle
     event_cls = manager._event_cls
     scope_cls = manager._scope_cls
-    run = _run_in_memory if manager.journal is None else _run_journaled
+    in_memory = manager.journal is None
+    streak = 0  # tasks run since this worker last let others run
     while not manager._closing:
         scope = scope_cls()
         current: Task | None = None  # the task whose attempt a cancellation would cut short
@@ -48,7 +53,10 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
                         continue
                     try:
                         current = task
-                        await run(manager, task, scope)
+                        if not in_memory:
+                            await _run_journaled(manager, task, scope)
+                        elif _start(manager, task):  # in memory: no coroutine of our own
+                            _end(manager, task, *await run_attempt(task, manager, scope))
                         current = None
                     except Exception:  # a bug or a journal failure must not stop the worker
                         current = None
@@ -56,6 +64,10 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
                     finally:
                         if current is None and queue.release(task.queue):
                             manager._wake(1)
+                    streak += 1
+                    if streak >= _FAIR_SHARE:  # tasks that never await must not starve the app
+                        streak = 0
+                        await anyio.lowlevel.checkpoint()
         except BaseException:  # cancelled from outside (the app's scope): record, then go
             if current is not None:
                 current.interrupted = True
@@ -74,17 +86,17 @@ async def _cut_short(manager: BackgroundTaskManager, queue: ReadyQueue, task: Ta
             manager._wake(1)
 
 
-async def _run_in_memory(
-    manager: BackgroundTaskManager, task: Task, scope: anyio.CancelScope
-) -> None:
+def _start(manager: BackgroundTaskManager, task: Task) -> bool:
     status = task.status
     if status is not PENDING and status is not RETRYING:
-        return  # cancelled while queued
+        return False  # cancelled while queued
     manager._start(task)
-    running = manager._running_tasks
-    running.add(task)
-    ended, value = await run_attempt(task, manager, scope)
-    running.discard(task)
+    manager._running_tasks.add(task)
+    return True
+
+
+def _end(manager: BackgroundTaskManager, task: Task, ended: Ended, value: Any) -> None:
+    manager._running_tasks.discard(task)
     if ended is Ended.OK and not task.cancel_requested:
         manager._complete(task, value)
         return
@@ -130,7 +142,8 @@ def decide(
     if ended is Ended.OK:
         return COMPLETED, value, None, 0.0
     retry = task.retry
-    delay = retry.decide(value, task.attempts) if retry is not None else None
+    # Attempts cut short by shutdown or a crash are not failures: they do not count.
+    delay = retry.decide(value, task.attempts - task.recoveries) if retry is not None else None
     if delay is None:
         return FAILED, None, value, 0.0
     return RETRYING, None, value, time.time() + delay
