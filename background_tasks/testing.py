@@ -15,11 +15,13 @@ The suite needs only pytest and anyio's pytest plugin (it marks its tests ``anyi
 ``anyio_backend`` fixture of the test session picks asyncio and/or trio). Fixtures:
 ``journal`` is opened with owner ``OWNER``; ``peer`` is a second journal on the same
 storage opened with owner ``PEER`` (another process, as far as the contract can tell).
-``make_row`` and ``claim`` build rows and changes for tests of your own.
+``make_row`` and ``claim`` build rows and changes for tests of your own; ``applied``
+applies a change that must apply and returns the row as stored after it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -30,10 +32,11 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from ._errors import InvalidTransition
 from ._states import TaskStatus
 from .journal._protocol import Change, Journal, TaskRow
 
-__all__ = ["OWNER", "PEER", "JournalContract", "claim", "finish", "make_row"]
+__all__ = ["OWNER", "PEER", "JournalContract", "applied", "claim", "finish", "make_row"]
 
 OWNER = "owner-a"
 PEER = "owner-b"
@@ -94,6 +97,17 @@ def finish(row: TaskRow, target: TaskStatus = C, **fields: Any) -> Change:
     return Change(row.id, row.version, row.status, target, row.attempts, at, row.owner, values)
 
 
+async def applied(journal: Journal, change: Change) -> TaskRow:
+    """Apply ``change``, which must apply (``apply`` returns exactly True), and return the
+    row as the journal now holds it (at ``change.version + 1``)."""
+    result = await journal.apply(change)
+    assert result is True, f"{change} did not apply ({result!r})"
+    row = await journal.get(change.task_id)
+    assert row is not None
+    assert (row.status, row.version) == (change.target, change.version + 1)
+    return row
+
+
 class JournalContract:
     """What the manager relies on from any journal. See the module docstring."""
 
@@ -130,9 +144,7 @@ class JournalContract:
     async def running(self, journal: Journal, owner: str = OWNER, **kw: Any) -> TaskRow:
         """Insert a row and claim it for ``owner``; returns the RUNNING row."""
         row = await journal.insert(make_row(**kw))
-        claimed = await journal.apply(claim(row, owner))
-        assert claimed is not None
-        return claimed
+        return await applied(journal, claim(row, owner))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,13 +197,11 @@ class JournalContract:
         first = await journal.insert(make_row(key="once"))
         again = await journal.insert(make_row(key="once"))
         assert again.id == first.id
-        running = await journal.apply(claim(first))
-        assert running is not None
+        running = await applied(journal, claim(first))
         assert (await journal.insert(make_row(key="once"))).id == first.id
         other = await journal.insert(make_row(key="other"))
         assert other.id != first.id
-        done = await journal.apply(finish(running))
-        assert done is not None
+        await applied(journal, finish(running))
         fresh = make_row(key="once")
         assert (await journal.insert(fresh)).id == fresh.id
         assert await journal.get(fresh.id) == fresh
@@ -213,13 +223,13 @@ class JournalContract:
     async def test_apply_claims_and_bumps_the_version(self, journal: Journal) -> None:
         row = await journal.insert(make_row())
         change = claim(row)
-        claimed = await journal.apply(change)
+        assert await journal.apply(change) is True
+        claimed = await journal.get(row.id)
         assert claimed is not None
         assert claimed.status is R
         assert (claimed.version, claimed.attempts, claimed.owner) == (1, 1, OWNER)
         assert claimed.lease_until == change.fields["lease_until"]
         assert claimed.args_json == row.args_json
-        assert await journal.get(row.id) == claimed
         lines = await journal.history(row.id)
         assert [(h.source, h.target, h.attempt, h.owner) for h in lines] == [
             (None, P, 0, None),
@@ -230,26 +240,44 @@ class JournalContract:
         row = await journal.insert(make_row())
         stale = claim(row)
         stale.version = 5
-        assert await journal.apply(stale) is None
+        assert await journal.apply(stale) is False
         wrong = claim(row)
         wrong.source = Y
-        assert await journal.apply(wrong) is None
+        assert await journal.apply(wrong) is False
         unknown = claim(make_row())
-        assert await journal.apply(unknown) is None
+        assert await journal.apply(unknown) is False
         assert await journal.get(row.id) == row
         assert len(await journal.history(row.id)) == 1
 
     async def test_a_change_applies_once(self, journal: Journal) -> None:
         row = await journal.insert(make_row())
         change = claim(row)
-        assert await journal.apply(change) is not None
-        assert await journal.apply(change) is None
+        assert await journal.apply(change) is True
+        assert await journal.apply(change) is False
+        assert len(await journal.history(row.id)) == 2
+
+    async def test_one_change_twice_at_once_applies_once(self, journal: Journal) -> None:
+        rows = [await journal.insert(make_row()) for _ in range(5)]
+        changes = [claim(row) for row in rows for _ in range(2)]
+        results: dict[int, bool] = {}
+
+        async def apply(i: int) -> None:
+            results[i] = await journal.apply(changes[i])
+
+        async with anyio.create_task_group() as tg:  # both copies may share one write
+            for i in range(len(changes)):
+                tg.start_soon(apply, i)
+        for n, row in enumerate(rows):
+            assert sorted([results[2 * n], results[2 * n + 1]]) == [False, True]
+            assert [(h.source, h.target) for h in await journal.history(row.id)] == [
+                (None, P),
+                (P, R),
+            ]
 
     async def test_failure_is_recorded_with_its_error(self, journal: Journal) -> None:
         running = await self.running(journal)
         error = json.dumps({"type": "ValueError", "message": "bad", "traceback": None})
-        failed = await journal.apply(finish(running, F, error_json=error))
-        assert failed is not None
+        failed = await applied(journal, finish(running, F, error_json=error))
         assert (failed.status, failed.error_json, failed.owner) == (F, error, None)
         last = (await journal.history(running.id))[-1]
         assert (last.source, last.target) == (R, F)
@@ -258,14 +286,12 @@ class JournalContract:
 
     async def test_requeue_resets_a_finished_task(self, journal: Journal) -> None:
         running = await self.running(journal, key="k")
-        failed = await journal.apply(finish(running, F, error_json='{"type":"E","message":"m"}'))
-        assert failed is not None
+        failed = await applied(journal, finish(running, F, error_json='{"type":"E","message":"m"}'))
         requeue = Change(
             failed.id, failed.version, F, P, 0, time.time(), None,
             {"attempts": 0, "error_json": None, "result_json": None, "finished_at": None},
         )  # fmt: skip
-        again = await journal.apply(requeue)
-        assert again is not None
+        again = await applied(journal, requeue)
         assert (again.status, again.attempts, again.error_json, again.finished_at) == (
             P, 0, None, None,
         )  # fmt: skip
@@ -285,15 +311,12 @@ class JournalContract:
     async def test_fencing_rejects_a_late_outcome(self, journal: Journal, peer: Journal) -> None:
         now = time.time()
         row = await journal.insert(make_row())
-        mine = await journal.apply(claim(row, OWNER, lease=1.0, now=now - 10))
-        assert mine is not None
+        mine = await applied(journal, claim(row, OWNER, lease=1.0, now=now - 10))
         [back] = await peer.reclaim(now, max_recoveries=5)
         assert (back.status, back.recoveries, back.owner, back.lease_until) == (P, 1, None, None)
-        theirs = await peer.apply(claim(back, PEER))
-        assert theirs is not None
-        assert await journal.apply(finish(mine)) is None  # the stalled owner comes back
-        done = await peer.apply(finish(theirs))
-        assert done is not None
+        theirs = await applied(peer, claim(back, PEER))
+        assert await journal.apply(finish(mine)) is False  # the stalled owner comes back
+        done = await applied(peer, finish(theirs))
         assert done.status is C
         targets = [(h.source, h.target) for h in await journal.history(row.id)]
         assert targets == [(None, P), (P, R), (R, P), (P, R), (R, C)]
@@ -305,7 +328,7 @@ class JournalContract:
         wins: list[tuple[str, str]] = []
 
         async def take(j: Journal, owner: str, row: TaskRow) -> None:
-            if await j.apply(claim(row, owner)) is not None:
+            if await j.apply(claim(row, owner)):
                 wins.append((row.id, owner))
 
         async with anyio.create_task_group() as tg:
@@ -324,9 +347,10 @@ class JournalContract:
         rows = [await journal.insert(make_row()) for _ in range(50)]
 
         async def run(row: TaskRow) -> None:
-            claimed = await journal.apply(claim(row))
-            assert claimed is not None
-            done = await journal.apply(finish(claimed, result_json="42"))
+            assert await journal.apply(claim(row)) is True
+            claimed = dataclasses.replace(row, status=R, version=1, attempts=1, owner=OWNER)
+            assert await journal.apply(finish(claimed, result_json="42")) is True
+            done = await journal.get(row.id)
             assert done is not None
             assert (done.status, done.result_json, done.version) == (C, "42", 2)
 
@@ -334,6 +358,30 @@ class JournalContract:
             for row in rows:
                 tg.start_soon(run, row)
         assert (await journal.counts())[C] == 50
+
+    async def test_a_claim_another_journal_won_does_not_apply_beside_others(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        """A stale claim sharing a write batch with a good one: only the good one applies,
+        and the winner's history line stays (a set-based write must not mistake a row
+        another process moved to ``version + 1`` for its own)."""
+        taken = await journal.insert(make_row())
+        free = await journal.insert(make_row())
+        await applied(peer, claim(taken, PEER))
+        results: dict[str, bool] = {}
+
+        async def attempt(row: TaskRow) -> None:
+            results[row.id] = await journal.apply(claim(row))
+
+        async with anyio.create_task_group() as tg:  # one batch: both wait on one commit
+            tg.start_soon(attempt, taken)
+            tg.start_soon(attempt, free)
+        assert results == {taken.id: False, free.id: True}
+        stored = await journal.get(taken.id)
+        assert stored is not None
+        assert (stored.owner, stored.version) == (PEER, 1)
+        lines = await journal.history(taken.id)
+        assert [(line.target, line.owner) for line in lines][-1] == (R, PEER)
 
     # ------------------------------------------------------------------ cancel / progress
 
@@ -351,8 +399,7 @@ class JournalContract:
         assert asked.version == running.version  # not a transition
         seen, _ = await journal.changes(cursor, OWNER)
         assert [(r.id, r.cancel_requested) for r in seen] == [(running.id, True)]
-        cancelled = await journal.apply(finish(asked, X))
-        assert cancelled is not None
+        cancelled = await applied(journal, finish(asked, X))
         assert cancelled.cancel_requested is False
         assert await peer.request_cancel(running.id) is None
 
@@ -363,8 +410,7 @@ class JournalContract:
         running = await self.running(journal)
         asked = await journal.request_cancel(running.id)
         assert asked is not None
-        after = await journal.apply(finish(asked, target))
-        assert after is not None
+        after = await applied(journal, finish(asked, target))
         assert (after.status, after.cancel_requested) == (target, False)
 
     async def test_progress_of_the_current_attempt_only(self, journal: Journal) -> None:
@@ -422,7 +468,7 @@ class JournalContract:
     async def test_reclaim_expired_leases(self, journal: Journal, peer: Journal) -> None:
         now = time.time()
         stale = await journal.insert(make_row())
-        stale = await journal.apply(claim(stale, OWNER, lease=1, now=now - 100)) or stale
+        stale = await applied(journal, claim(stale, OWNER, lease=1, now=now - 100))
         fresh = await self.running(journal, OWNER)
         pending = await journal.insert(make_row())
         _, cursor = await journal.changes(0, OWNER)
@@ -443,8 +489,7 @@ class JournalContract:
     async def test_reclaim_fails_a_task_interrupted_too_often(self, journal: Journal) -> None:
         now = time.time()
         row = await journal.insert(make_row(recoveries=2))
-        running = await journal.apply(claim(row, lease=1, now=now - 10))
-        assert running is not None
+        await applied(journal, claim(row, lease=1, now=now - 10))
         [failed] = await journal.reclaim(now, max_recoveries=2)
         assert (failed.status, failed.recoveries, failed.finished_at) == (F, 3, now)
         assert failed.error_json is not None
@@ -454,6 +499,38 @@ class JournalContract:
         last = (await journal.history(row.id))[-1]
         assert (last.source, last.target) == (R, F)
         assert last.error is not None
+
+    async def test_reclaim_honours_a_cancel_its_dead_owner_never_saw(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        now = time.time()
+        asked = await applied(
+            journal, claim(await journal.insert(make_row()), lease=1, now=now - 10)
+        )
+        assert await journal.request_cancel(asked.id) is not None
+        plain = await applied(
+            journal, claim(await journal.insert(make_row()), lease=1, now=now - 10)
+        )
+        back = {row.id: row for row in await peer.reclaim(now, max_recoveries=5)}
+        assert (back[asked.id].status, back[asked.id].finished_at) == (X, now)
+        assert (back[asked.id].owner, back[asked.id].cancel_requested) == (None, False)
+        assert back[plain.id].status is P
+        last = (await journal.history(asked.id))[-1]
+        assert (last.source, last.target) == (R, X)
+
+    async def test_requeue_into_a_key_another_task_holds_is_an_invalid_transition(
+        self, journal: Journal
+    ) -> None:
+        first = await journal.insert(make_row(key="k"))
+        cancelled = await applied(journal, finish(first, X))
+        second = await journal.insert(make_row(key="k"))
+        assert second.id != first.id
+        requeue = Change(cancelled.id, cancelled.version, X, P, 0, time.time(), None)
+        with pytest.raises(InvalidTransition, match="another unfinished task holds the key"):
+            await journal.apply(requeue)
+        assert await journal.get(cancelled.id) == cancelled
+        await applied(journal, finish(second, X))
+        await applied(journal, requeue)  # the key is free again
 
     # ------------------------------------------------------------------ queries
 
@@ -483,8 +560,7 @@ class JournalContract:
         mid = await journal.insert(make_row())
         await self.running(journal)
         retrying = await self.running(journal, priority=1)
-        retrying = await journal.apply(finish(retrying, Y, finished_at=None)) or retrying
-        assert retrying.status is Y
+        retrying = await applied(journal, finish(retrying, Y, finished_at=None))
         rows, cursor = await journal.runnable()
         assert [r.id for r in rows] == [first.id, second.id, retrying.id, mid.id, low.id]
         assert await journal.changes(cursor, "nobody") == ([], cursor)
@@ -503,8 +579,7 @@ class JournalContract:
         assert [r.id for r in seen] == [theirs.id]
         assert cursor > start
         assert await journal.changes(cursor, OWNER) == ([], cursor)
-        claimed = await peer.apply(claim(mine, PEER))
-        assert claimed is not None
+        claimed = await applied(peer, claim(mine, PEER))
         seen, cursor2 = await journal.changes(cursor, OWNER)
         assert seen == [claimed]
         assert cursor2 > cursor
@@ -517,7 +592,7 @@ class JournalContract:
         await journal.insert(make_row())
         await journal.insert(make_row())
         running = await self.running(journal)
-        await journal.apply(finish(running))
+        await applied(journal, finish(running))
         counts = await journal.counts()
         assert set(counts) == set(TaskStatus)
         assert (counts[P], counts[R], counts[C], counts[F]) == (2, 0, 1, 0)
@@ -528,16 +603,14 @@ class JournalContract:
         old: list[str] = []
         for target in (C, F, X, C, C):
             running = await self.running(journal)
-            done = await journal.apply(finish(running, target))
-            assert done is not None
+            done = await applied(journal, finish(running, target))
             old.append(done.id)
         cutoff = time.time() + 0.001
         await anyio.sleep(0.01)
-        recent = await journal.apply(finish(await self.running(journal)))
-        assert recent is not None
+        recent = await applied(journal, finish(await self.running(journal)))
         pending = await journal.insert(make_row())
         retrying = await self.running(journal)
-        retrying = await journal.apply(finish(retrying, Y)) or retrying  # finished_at set
+        retrying = await applied(journal, finish(retrying, Y))  # finished_at set
         assert await journal.purge(cutoff, batch=2) == 5
         for task_id in old:
             assert await journal.get(task_id) is None
@@ -548,8 +621,7 @@ class JournalContract:
         assert await journal.purge(cutoff) == 0
 
     async def test_cursor_keeps_growing_after_purge(self, journal: Journal, peer: Journal) -> None:
-        done = await journal.apply(finish(await self.running(journal)))
-        assert done is not None
+        await applied(journal, finish(await self.running(journal)))
         _, cursor = await journal.changes(0, OWNER)
         assert await journal.purge(time.time() + 1) == 1
         new = await peer.insert(make_row())

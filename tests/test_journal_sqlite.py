@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,16 +13,17 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from background_tasks._errors import JournalError
+from background_tasks._errors import InvalidTransition, JournalError
 from background_tasks._states import TaskStatus
 from background_tasks.journal import sqlite as sqlite_module
-from background_tasks.journal._protocol import Change
+from background_tasks.journal._protocol import Change, TaskRow
 from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
-from background_tasks.testing import OWNER, JournalContract, claim, finish, make_row
+from background_tasks.testing import OWNER, JournalContract, applied, claim, finish, make_row
 
 pytestmark = pytest.mark.anyio
 
 P, R, C = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED
+Y = TaskStatus.RETRYING
 
 
 class TestSQLiteContract(JournalContract):
@@ -36,6 +38,20 @@ class TestSQLiteNormalContract(JournalContract):
     @pytest.fixture
     def journal_factory(self, tmp_path: Path) -> Callable[[], SQLiteJournal]:
         return lambda: SQLiteJournal(str(tmp_path / "tasks.db"), synchronous="NORMAL")
+
+
+class TestSQLiteOneByOneContract(JournalContract):
+    """The contract on the path for SQLite older than 3.33 (no UPDATE ... FROM): one
+    statement per operation, as the careful replay of a batch also runs."""
+
+    @pytest.fixture
+    def journal_factory(self, tmp_path: Path) -> Callable[[], SQLiteJournal]:
+        def make() -> SQLiteJournal:
+            journal = SQLiteJournal(tmp_path / "tasks.db")
+            journal._grouped = False
+            return journal
+
+        return make
 
 
 @pytest.fixture
@@ -167,9 +183,10 @@ async def test_concurrent_writes_share_commits(journal: SQLiteJournal) -> None:
 
     async def run(i: int) -> None:
         stored = await journal.insert(rows[i])
-        claimed = await journal.apply(claim(stored))
-        assert claimed is not None
-        assert await journal.apply(finish(claimed)) is not None
+        change = claim(stored)
+        assert await journal.apply(change) is True
+        claimed = dataclasses.replace(stored, status=R, version=1, attempts=1, owner=OWNER)
+        assert await journal.apply(finish(claimed)) is True
 
     async with anyio.create_task_group() as tg:
         for i in range(len(rows)):
@@ -215,19 +232,81 @@ async def test_one_bad_operation_fails_alone(journal: SQLiteJournal) -> None:
         assert await journal.get(row.id) == row
     assert await journal.get(existing.id) == existing
     assert journal.commits - before <= 2
-    assert await journal.apply(claim(existing)) is not None  # the failed change left no trace
+    assert await journal.apply(claim(existing)) is True  # the failed change left no trace
 
 
-async def test_requeue_into_a_taken_key_fails_with_journal_error(journal: SQLiteJournal) -> None:
+async def test_requeue_into_a_taken_key_is_an_invalid_transition(journal: SQLiteJournal) -> None:
     first = await journal.insert(make_row(key="k"))
-    cancelled = await journal.apply(finish(first, TaskStatus.CANCELLED))
-    assert cancelled is not None
+    cancelled = await applied(journal, finish(first, TaskStatus.CANCELLED))
     second = await journal.insert(make_row(key="k"))
     assert second.id != first.id
     requeue = Change(cancelled.id, cancelled.version, TaskStatus.CANCELLED, P, 0, time.time(), None)
-    with pytest.raises(JournalError, match="UNIQUE"):
+    with pytest.raises(InvalidTransition, match="another unfinished task holds the key 'k'"):
         await journal.apply(requeue)
     assert await journal.get(cancelled.id) == cancelled
+    assert len(await journal.history(cancelled.id)) == 2  # no line for the refused change
+    await applied(journal, finish(second, TaskStatus.CANCELLED))
+    await applied(journal, requeue)  # the key is free again
+
+
+async def test_requeue_collision_fails_alone_in_a_shared_batch(journal: SQLiteJournal) -> None:
+    """Two requeues into one key in one batch: one applies, the other is refused; the
+    other operations of the batch are not affected."""
+    a = await applied(journal, finish(await journal.insert(make_row(key="k")), TaskStatus.FAILED))
+    b = await applied(journal, finish(await journal.insert(make_row(key="k")), TaskStatus.FAILED))
+    others = [make_row() for _ in range(5)]
+    outcomes: dict[str, object] = {}
+
+    async def requeue(row: TaskRow) -> None:
+        change = Change(row.id, row.version, row.status, P, 0, time.time(), None, {"attempts": 0})
+        try:
+            outcomes[row.id] = await journal.apply(change)
+        except InvalidTransition as exc:
+            outcomes[row.id] = exc
+
+    before = journal.commits
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(requeue, a)
+        tg.start_soon(requeue, b)
+        for row in others:
+            tg.start_soon(journal.insert, row)
+    assert journal.commits - before <= 2
+    won, lost = (a, b) if outcomes[a.id] is True else (b, a)  # the order is the scheduler's
+    assert outcomes[won.id] is True
+    assert isinstance(outcomes[lost.id], InvalidTransition)
+    assert (await journal.get(lost.id)) == lost
+    for row in others:
+        assert await journal.get(row.id) == row
+
+
+async def test_reclaim_cancels_a_task_whose_cancel_was_requested(
+    journal: SQLiteJournal, tmp_path: Path
+) -> None:
+    """A cancel asked for just before the owner died is not lost: the task ends CANCELLED
+    instead of running again."""
+    now = time.time()
+    asked = await applied(journal, claim(await journal.insert(make_row()), lease=1, now=now - 10))
+    assert await journal.request_cancel(asked.id) is not None
+    plain = await applied(journal, claim(await journal.insert(make_row()), lease=1, now=now - 10))
+    peer = SQLiteJournal(tmp_path / "tasks.db")
+    await peer.open("peer")
+    try:
+        _, cursor = await journal.changes(0, OWNER)
+        back = {row.id: row for row in await peer.reclaim(now, max_recoveries=0)}
+    finally:
+        await peer.close()
+    cancelled = back[asked.id]
+    assert (cancelled.status, cancelled.finished_at, cancelled.cancel_requested) == (
+        TaskStatus.CANCELLED, now, False,
+    )  # fmt: skip
+    assert (cancelled.owner, cancelled.lease_until, cancelled.error_json) == (None, None, None)
+    assert cancelled.version == asked.version + 1
+    assert await journal.get(asked.id) == cancelled
+    assert back[plain.id].status is TaskStatus.FAILED  # max_recoveries=0: not a cancel
+    last = (await journal.history(asked.id))[-1]
+    assert (last.source, last.target, last.error) == (R, TaskStatus.CANCELLED, None)
+    seen, _ = await journal.changes(cursor, OWNER)
+    assert {r.id for r in seen} == {asked.id, plain.id}
 
 
 async def test_cancelled_leader_does_not_lose_other_results(journal: SQLiteJournal) -> None:
@@ -273,9 +352,8 @@ async def test_purge_batch_must_be_positive(journal: SQLiteJournal) -> None:
 
 async def test_purge_takes_one_transaction_per_batch(journal: SQLiteJournal) -> None:
     for _ in range(7):
-        claimed = await journal.apply(claim(await journal.insert(make_row())))
-        assert claimed is not None
-        await journal.apply(finish(claimed))
+        claimed = await applied(journal, claim(await journal.insert(make_row())))
+        await applied(journal, finish(claimed))
     before = journal.commits
     assert await journal.purge(time.time() + 1, batch=3) == 7
     assert journal.commits - before == 3
@@ -294,3 +372,172 @@ async def test_data_version_moves_when_another_connection_writes(
         assert await journal.data_version() != before
     finally:
         await other.close()
+
+
+# --------------------------------------------------------------------------- set-based writes
+
+
+async def _together(*calls: Callable[[], Any]) -> list[Any]:
+    """Start every call in one tick (so they share a batch); their results or errors."""
+    results: list[Any] = [None] * len(calls)
+
+    async def run(i: int) -> None:
+        try:
+            results[i] = await calls[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(run, i)
+    return results
+
+
+async def test_a_shared_statement_reports_each_change(journal: SQLiteJournal) -> None:
+    """One statement for many changes of one shape, some of which do not apply: each
+    caller learns its own outcome, and only applied changes get a history line."""
+    rows = [await journal.insert(make_row()) for _ in range(40)]
+    changes = [claim(row) for row in rows]
+    for change in changes[1::2]:
+        change.version += 1  # stale: must not apply
+    before = journal.commits
+    results = await _together(*(lambda c=c: journal.apply(c) for c in changes))
+    assert journal.commits - before == 1
+    assert results == [True, False] * 20
+    for row, done in zip(rows, results, strict=True):
+        stored = await journal.get(row.id)
+        assert stored is not None
+        assert stored.status is (R if done else P)
+        assert len(await journal.history(row.id)) == (2 if done else 1)
+
+
+async def test_more_operations_than_one_statement_holds(journal: SQLiteJournal) -> None:
+    journal._max_rows = 8  # so that 50 operations need several statements (and padding)
+    rows = [make_row() for _ in range(50)]
+    assert await _together(*(lambda r=r: journal.insert(r) for r in rows)) == rows
+    results = await _together(*(lambda r=r: journal.apply(claim(r)) for r in rows[:45]))
+    assert results == [True] * 45
+    counts = await journal.counts()
+    assert (counts[P], counts[R]) == (5, 45)
+    for row in rows:
+        assert len(await journal.history(row.id)) == (2 if row in rows[:45] else 1)
+
+
+@pytest.mark.parametrize("size", [1, 3, 9, 13, 65, 70, 300])
+async def test_padding_rows_are_never_stored(journal: SQLiteJournal, size: int) -> None:
+    rows = [make_row() for _ in range(size)]
+    await _together(*(lambda r=r: journal.insert(r) for r in rows))
+    done = await _together(
+        *(lambda r=r: journal.apply(finish(r, TaskStatus.CANCELLED)) for r in rows)
+    )
+    assert done == [True] * size
+    assert (await journal.counts())[TaskStatus.CANCELLED] == size
+    assert await journal.counts_by_queue() == {("default", TaskStatus.CANCELLED): size}
+    assert journal._wconn is not None
+    lines = journal._wconn.execute("SELECT count(*), count(DISTINCT task_id) FROM history")
+    assert lines.fetchone() == (2 * size, size)
+    tasks = journal._wconn.execute("SELECT count(*) FROM tasks").fetchone()
+    assert tasks == (size,)
+
+
+async def test_values_reach_sqlite_exactly_on_the_shared_path(journal: SQLiteJournal) -> None:
+    odd = [
+        make_row(queue="a\x00b", args_json='["\\u0000", "é"]', scheduled_at=1e300),
+        make_row(options_json="\u2028", created_at=0.1 + 0.2, priority=-(2**63)),
+        make_row(max_attempts=2**63 - 1, scheduled_at=5e-324),
+    ]
+    assert await _together(*(lambda r=r: journal.insert(r) for r in odd)) == odd
+    for row in odd:
+        assert await journal.get(row.id) == row
+    changes = [claim(row) for row in odd]
+    changes[0].fields["lease_until"] = 1.0000000000000002
+    changes[1].fields["owner"] = "o\x00wner"
+    assert await _together(*(lambda c=c: journal.apply(c) for c in changes)) == [True] * 3
+    stored = await journal.get(odd[0].id)
+    assert stored is not None
+    assert stored.lease_until == 1.0000000000000002
+    stored = await journal.get(odd[1].id)
+    assert stored is not None
+    assert stored.owner == "o\x00wner"
+
+
+async def test_a_value_sqlite_cannot_bind_fails_only_its_change(journal: SQLiteJournal) -> None:
+    rows = [await journal.insert(make_row()) for _ in range(6)]
+    changes = [claim(row) for row in rows]
+    changes[2].fields["attempts"] = 2**64  # too big for SQLite
+    results = await _together(*(lambda c=c: journal.apply(c) for c in changes))
+    assert isinstance(results[2], OverflowError)  # as binding it alone raises it
+    assert results[:2] + results[3:] == [True] * 5
+    assert await journal.get(rows[2].id) == rows[2]
+
+
+async def test_one_task_twice_in_a_batch(journal: SQLiteJournal) -> None:
+    """A second operation on a task the batch already wrote sees the first one's effect
+    (the batch is built by hand here: callers started together may join in any order)."""
+    row, other = make_row(), make_row()
+    running = dataclasses.replace(row, status=R, version=1, attempts=1, owner=OWNER)
+
+    def change(c: Change) -> sqlite_module._Apply:
+        return sqlite_module._Apply(c, sqlite_module._Shape(tuple(c.fields), c.source, c.target))
+
+    ops = [
+        sqlite_module._Insert(row),
+        change(claim(row)),
+        sqlite_module._Insert(other),
+        change(finish(running)),
+        change(claim(other)),
+        change(finish(running)),
+    ]
+    await anyio.to_thread.run_sync(journal._write_batch, ops)
+    assert [op.error for op in ops] == [None] * len(ops)
+    assert [op.result for op in ops] == [row, True, other, True, True, False]
+    stored = await journal.get(row.id)
+    assert stored is not None
+    assert (stored.status, stored.version) == (C, 2)
+    assert [(h.source, h.target) for h in await journal.history(row.id)] == [
+        (None, P), (P, R), (R, C),
+    ]  # fmt: skip
+    assert [(h.source, h.target) for h in await journal.history(other.id)] == [
+        (None, P), (P, R),
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- CLI reads
+
+
+async def test_counts_by_queue_finished_since_and_oldest(journal: SQLiteJournal) -> None:
+    assert await journal.counts_by_queue() == {}
+    assert await journal.finished_since(0) == {
+        TaskStatus.COMPLETED: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0,
+    }  # fmt: skip
+    assert await journal.oldest(P) is None
+    first = await journal.insert(make_row(queue="mail"))
+    second = await journal.insert(make_row(queue="mail"))
+    await journal.insert(make_row(queue="img"))
+    running = await applied(journal, claim(await journal.insert(make_row(queue="img"))))
+    early = await applied(journal, finish(running))
+    cut = time.time()
+    await anyio.sleep(0.01)
+    late = await applied(journal, finish(await applied(journal, claim(second)), TaskStatus.FAILED))
+    retrying = await applied(
+        journal, finish(await applied(journal, claim(await journal.insert(make_row()))), Y)
+    )
+    assert retrying.finished_at is not None  # RETRYING rows have one, but are not finished
+    assert await journal.counts_by_queue() == {
+        ("mail", P): 1, ("mail", TaskStatus.FAILED): 1, ("img", P): 1, ("img", C): 1,
+        ("default", Y): 1,
+    }  # fmt: skip
+    assert await journal.finished_since(cut) == {
+        TaskStatus.COMPLETED: 0, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 0,
+    }  # fmt: skip
+    assert await journal.finished_since(0) == {
+        TaskStatus.COMPLETED: 1, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 0,
+    }  # fmt: skip
+    assert early.finished_at is not None
+    assert late.finished_at is not None
+    assert await journal.finished_since(late.finished_at + 1) == dict.fromkeys(
+        (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED), 0
+    )
+    assert await journal.oldest(P) == first
+    assert await journal.oldest(C) == early
+    assert await journal.oldest(R) is None

@@ -47,6 +47,8 @@ async def _make_journal(path: Path, rows: int = 3) -> list[str]:
     return ids
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a subprocess test: the child's
+# loop is what is tested, so one backend for the parent is enough
 async def test_garbage_file_is_not_a_database(tmp_path: Path, anyio_backend: object) -> None:
     path = tmp_path / "tasks.db"
     path.write_bytes(os.urandom(8192))
@@ -170,12 +172,12 @@ _OPEN_CHILD = """
 
 def _read_only_prefix(directory: Path) -> list[str]:
     if shutil.which("unshare") is None:
-        pytest.skip("unshare is not available")
+        pytest.fail("unshare (util-linux) is needed for the read-only mount test")
     script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
     prefix = ["unshare", "-m", "sh", "-c", script, str(directory)]
     probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30, check=False)
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a read-only mount here: {probe.stderr!r}")
+        pytest.fail(f"cannot make a read-only mount here: {probe.stderr!r}")
     return prefix
 
 
@@ -183,8 +185,6 @@ def _read_only_prefix(directory: Path) -> list[str]:
 async def test_read_only_journal_is_refused_untouched(
     tmp_path: Path, anyio_backend: object
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("a subprocess test; one backend is enough")
     directory = tmp_path / "ro"
     directory.mkdir()
     path = directory / "tasks.db"
@@ -241,9 +241,9 @@ _DISK_FULL_CHILD = """
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a subprocess test: the child's
+# loop is what is tested, so one backend for the parent is enough
 async def test_disk_full_loses_nothing_acknowledged(tmp_path: Path, anyio_backend: object) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("a subprocess test; one backend is enough")
     path = tmp_path / "tasks.db"
     earlier = await _make_journal(path, rows=5)
     result = _child(_DISK_FULL_CHILD, str(path), str(512 * 1024), "write")
@@ -263,9 +263,9 @@ async def test_disk_full_loses_nothing_acknowledged(tmp_path: Path, anyio_backen
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a subprocess test: the child's
+# loop is what is tested, so one backend for the parent is enough
 async def test_disk_full_at_open(tmp_path: Path, anyio_backend: object) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("a subprocess test; one backend is enough")
     path = tmp_path / "tasks.db"
     result = _child(_DISK_FULL_CHILD, str(path), "0", "open")
     assert result.returncode == 0, result.stderr

@@ -109,7 +109,8 @@ class Journal(Protocol):
 
     async def reclaim(self, now: float, max_recoveries: int) -> builtins.list[TaskRow]:
         """RUNNING rows whose lease ended before ``now`` go back to PENDING (recoveries+1),
-        or to FAILED once recoveries would exceed ``max_recoveries``; returns the new rows."""
+        or to FAILED once recoveries would exceed ``max_recoveries``, or to CANCELLED when
+        a cancel was requested (its owner died before honouring it); returns the new rows."""
 
     async def get(self, task_id: str) -> TaskRow | None: ...
 
