@@ -303,14 +303,6 @@ def test_crash_loop_completes_every_accepted_task_exactly_once(
 # ----------------------------------------------------------------------------- 2. sharing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: journal/sqlite.py (uncommitted set-based write path) _Writer._update: when "
-    "a grouped UPDATE changes fewer rows than it has operations, the read-back (_applied_sql, "
-    "'version = column2 + 1') also counts rows another process moved to that version, so a "
-    "stale claim 'applies' and the task runs twice; INSERT OR REPLACE then overwrites the "
-    "winner's history line. Passes at HEAD 4aabcce.",
-)
 @pytest.mark.parametrize("processes", [2, 3])
 def test_processes_drain_a_shared_backlog_without_running_a_task_twice(
     tmp_path: Path, spawn: Spawn, processes: int
