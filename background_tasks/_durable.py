@@ -8,6 +8,7 @@ cancel or requeue of a task held elsewhere, also used by the CLI).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -32,26 +33,34 @@ COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStat
 _RETRY_FIELDS = ("max_attempts", "base_delay", "multiplier", "max_delay", "jitter")
 
 
-def new_row(task: Task) -> TaskRow:
-    retry = task.retry
+@functools.lru_cache(maxsize=256)
+def _options_json(timeout: float | None, retry: RetryPolicy | None) -> str:
+    """What a restarted process needs to rebuild a task's timeout and retry policy."""
     options = {
-        "timeout": task.timeout,
+        "timeout": timeout,
         "retry": None if retry is None else {f: getattr(retry, f) for f in _RETRY_FIELDS},
     }
+    return json.dumps(options)
+
+
+def new_row(task: Task) -> TaskRow:
+    args, kwargs = task.args, task.kwargs
     return TaskRow(
         id=task.id,
         name=task.name,
         queue=task.queue,
         status=PENDING,
         priority=task.priority,
-        args_json=dumps(list(task.args), f"the arguments of task {task.name!r}"),
-        kwargs_json=dumps(task.kwargs, f"the keyword arguments of task {task.name!r}"),
+        args_json=dumps(list(args), "the arguments of task %r", task.name) if args else "[]",
+        kwargs_json=(
+            dumps(kwargs, "the keyword arguments of task %r", task.name) if kwargs else "{}"
+        ),
         key=task.key,
         attempts=0,
         max_attempts=task.max_attempts,
         created_at=task.created_at,
         scheduled_at=task.scheduled_at,
-        options_json=json.dumps(options),
+        options_json=_options_json(task.timeout, task.retry),
     )
 
 
@@ -90,7 +99,7 @@ def change(
     else:
         fields = {"finished_at": now, "lease_until": None}
         if target is COMPLETED:
-            fields["result_json"] = dumps(result, f"the result of task {task.id} ({task.name})")
+            fields["result_json"] = dumps(result, "the result of task %s (%s)", task.id, task.name)
         elif target is FAILED:
             fields["error_json"] = _error_json(info)
     return Change(task.id, task.version, source, target, attempt, now, manager.owner, fields)
