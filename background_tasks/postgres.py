@@ -87,6 +87,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ._errors import InvalidTransition, JournalError
 from ._models import ErrorInfo, TransitionRecord
 from ._states import TaskStatus
+from .journal._group_commit import GroupCommit
 from .journal._protocol import Change, TaskRow
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresJournal"]
@@ -515,16 +516,6 @@ class _PurgeStep(_Op):
         return len(ids)
 
 
-class _Batch:
-    __slots__ = ("closed", "done", "ops", "prev")
-
-    def __init__(self, prev: _Batch | None) -> None:
-        self.ops: list[_Op] = []
-        self.done = anyio.Event()
-        self.prev = prev
-        self.closed = False
-
-
 _HISTORY_CONFLICT: Final = (
     " ON CONFLICT (task_id, seq) DO UPDATE SET source = excluded.source,"
     " target = excluded.target, attempt = excluded.attempt, at = excluded.at,"
@@ -651,8 +642,7 @@ class PostgresJournal:
         self._rconn: psycopg.Connection[Any] | None = None
         self._lconn: psycopg.Connection[Any] | None = None
         self._read_lock: anyio.Lock | None = None
-        self._open_batch: _Batch | None = None
-        self._newest: _Batch | None = None
+        self._commits = GroupCommit(self._write_batch, MAX_BATCH)
         self._sql_cache: dict[tuple[tuple[str, ...], bool], str] = {}
         self._listening: anyio.CancelScope | None = None
         self._listen_done: anyio.Event | None = None
@@ -790,13 +780,10 @@ class PostgresJournal:
             listening.cancel()
             with anyio.CancelScope(shield=True):
                 await done.wait()
-        newest = self._newest
-        if newest is not None:  # every batch has a leader: wait for the last one's commit
-            with anyio.CancelScope(shield=True):
-                await newest.done.wait()
+        await self._commits.drain()
         conns = (self._lconn, self._rconn, self._wconn)
         self._wconn = self._rconn = self._lconn = None
-        self._open_batch = self._newest = None
+        self._commits.reset()
         if all(c is None for c in conns):
             return
         read_lock = self._read_lock
@@ -818,39 +805,7 @@ class PostgresJournal:
     async def _write(self, op: _Op) -> Any:
         """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
         self._require_open()
-        batch = self._open_batch
-        if batch is None or batch.closed or len(batch.ops) >= MAX_BATCH:
-            batch = _Batch(self._newest)
-            self._open_batch = self._newest = batch
-            batch.ops.append(op)
-            await self._lead(batch)
-        else:
-            batch.ops.append(op)
-            if not op.awaited:
-                return None
-            await batch.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    async def _lead(self, batch: _Batch) -> None:
-        # Shielded: the batch holds other callers' operations; they must get their results
-        # even if this caller is cancelled (the cancellation arrives at its next checkpoint).
-        with anyio.CancelScope(shield=True):
-            try:
-                prev = batch.prev
-                if prev is not None:
-                    batch.prev = None
-                    await prev.done.wait()
-                else:
-                    await anyio.lowlevel.checkpoint()  # let this tick's callers join
-                batch.closed = True
-                if self._open_batch is batch:
-                    self._open_batch = None
-                await anyio.to_thread.run_sync(self._write_batch, batch.ops)
-            finally:
-                batch.closed = True
-                batch.done.set()
+        return await self._commits.write(op)
 
     def _write_batch(self, ops: list[_Op]) -> None:
         """Run one batch in one transaction (worker thread)."""

@@ -55,6 +55,7 @@ import anyio.to_thread
 from .._errors import InvalidTransition, JournalError
 from .._models import ErrorInfo, TransitionRecord
 from .._states import TaskStatus
+from ._group_commit import GroupCommit
 from ._protocol import Change, TaskRow
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal"]
@@ -650,16 +651,6 @@ class _PurgeStep(_Op):
         return len(ids)
 
 
-class _Batch:
-    __slots__ = ("closed", "done", "ops", "prev")
-
-    def __init__(self, prev: _Batch | None) -> None:
-        self.ops: list[_Op] = []
-        self.done = anyio.Event()
-        self.prev = prev
-        self.closed = False
-
-
 # --------------------------------------------------------------------------- the journal
 
 
@@ -714,8 +705,7 @@ class SQLiteJournal:
         self._rconn: sqlite3.Connection | None = None
         self._read_lock: anyio.Lock | None = None
         self._closing = False
-        self._open_batch: _Batch | None = None
-        self._newest: _Batch | None = None
+        self._commits = GroupCommit(self._write_batch, MAX_BATCH)
         self._shapes: dict[tuple[tuple[str, ...], TaskStatus, TaskStatus], _Shape] = {}
         self._grouped = _SET_BASED
         self._max_rows = _MAX_ROWS
@@ -739,15 +729,13 @@ class SQLiteJournal:
         self._closing = True  # new operations now raise; queued ones still get written
         try:
             with anyio.CancelScope(shield=True):
-                newest = self._newest
-                if newest is not None:  # every batch has a leader: wait for the last commit
-                    await newest.done.wait()
+                await self._commits.drain()
                 read_lock = self._read_lock
                 assert read_lock is not None
                 async with read_lock:  # let a read in flight finish
                     wconn, rconn = self._wconn, self._rconn
                     self._wconn = self._rconn = None
-                    self._open_batch = self._newest = None
+                    self._commits.reset()
                     await anyio.to_thread.run_sync(_close_all, (rconn, wconn))
         finally:
             self._closing = False
@@ -915,39 +903,7 @@ class SQLiteJournal:
     async def _write(self, op: _Op) -> Any:
         """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
         self._require_open()
-        batch = self._open_batch
-        if batch is None or batch.closed or len(batch.ops) >= MAX_BATCH:
-            batch = _Batch(self._newest)
-            self._open_batch = self._newest = batch
-            batch.ops.append(op)
-            await self._lead(batch)
-        else:
-            batch.ops.append(op)
-            if not op.awaited:
-                return None
-            await batch.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    async def _lead(self, batch: _Batch) -> None:
-        # Shielded: the batch holds other callers' operations; they must get their results
-        # even if this caller is cancelled (the cancellation arrives at its next checkpoint).
-        with anyio.CancelScope(shield=True):
-            try:
-                prev = batch.prev
-                if prev is not None:
-                    batch.prev = None
-                    await prev.done.wait()
-                else:
-                    await anyio.lowlevel.checkpoint()  # let this tick's callers join
-                batch.closed = True
-                if self._open_batch is batch:
-                    self._open_batch = None
-                await anyio.to_thread.run_sync(self._write_batch, batch.ops)
-            finally:
-                batch.closed = True
-                batch.done.set()
+        return await self._commits.write(op)
 
     def _write_batch(self, ops: list[_Op]) -> None:
         """Run one batch in one transaction (worker thread)."""

@@ -1,0 +1,93 @@
+"""Group commit, the half every journal shares: callers queue operations, one of them
+leads the batch into a worker thread, everyone else waits on the batch's one event.
+
+Many concurrent writes thus share one transaction (DESIGN.md §2) without a writer task
+of its own: the first operation of a batch makes its caller the leader, which waits for
+the previous batch's commit (so batches commit in order), closes its batch and runs it
+with the journal's ``write_batch`` in a worker thread. Operations that arrive meanwhile
+form the next batch. One event per batch, not per operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["GroupCommit", "Operation"]
+
+
+class Operation(Protocol):
+    """What a batch needs of an operation: where its outcome goes."""
+
+    result: Any
+    error: BaseException | None
+    awaited: bool  # False: the caller does not wait for the commit (progress rides along)
+
+
+class _Batch:
+    __slots__ = ("closed", "done", "ops", "prev")
+
+    def __init__(self, prev: _Batch | None) -> None:
+        self.ops: list[Any] = []
+        self.done = anyio.Event()
+        self.prev = prev
+        self.closed = False
+
+
+class GroupCommit:
+    __slots__ = ("_newest", "_open", "max_batch", "write_batch")
+
+    def __init__(self, write_batch: Callable[[list[Any]], None], max_batch: int) -> None:
+        self.write_batch = write_batch  # runs in a worker thread: one transaction
+        self.max_batch = max_batch
+        self._open: _Batch | None = None  # the batch that still takes operations
+        self._newest: _Batch | None = None  # the last batch led (open or not)
+
+    async def write(self, op: Operation) -> Any:
+        """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
+        batch = self._open
+        if batch is None or batch.closed or len(batch.ops) >= self.max_batch:
+            batch = _Batch(self._newest)
+            self._open = self._newest = batch
+            batch.ops.append(op)
+            await self._lead(batch)
+        else:
+            batch.ops.append(op)
+            if not op.awaited:
+                return None
+            await batch.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def _lead(self, batch: _Batch) -> None:
+        # Shielded: the batch holds other callers' operations; they must get their results
+        # even if this caller is cancelled (the cancellation arrives at its next checkpoint).
+        with anyio.CancelScope(shield=True):
+            try:
+                prev = batch.prev
+                if prev is not None:
+                    batch.prev = None
+                    await prev.done.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()  # let this tick's callers join
+                batch.closed = True
+                if self._open is batch:
+                    self._open = None
+                await anyio.to_thread.run_sync(self.write_batch, batch.ops)
+            finally:
+                batch.closed = True
+                batch.done.set()
+
+    async def drain(self) -> None:
+        """Wait until every batch led so far is committed (every batch has a leader)."""
+        newest = self._newest
+        if newest is not None:
+            with anyio.CancelScope(shield=True):
+                await newest.done.wait()
+
+    def reset(self) -> None:
+        self._open = self._newest = None
