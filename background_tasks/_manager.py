@@ -688,12 +688,11 @@ class BackgroundTaskManager:
     # ---------------------------------------------------------------- the one writer
 
     async def _claim(self, task: Task) -> bool:
-        """PENDING/RETRYING -> RUNNING, unless the task moved on (cancelled, lost)."""
+        """PENDING/RETRYING -> RUNNING through the journal, unless the task moved on
+        (cancelled, or claimed by another manager first). In memory, ``_start``."""
         if task.status not in _WAITING or task.remote:
             return False
-        if self.journal is None:
-            self._commit(task, RUNNING, time.time())
-        elif not await self._apply(task, RUNNING):
+        if not await self._apply(task, RUNNING):
             return False
         self._running_tasks.add(task)
         return True
