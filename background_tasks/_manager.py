@@ -1,8 +1,9 @@
 """BackgroundTaskManager: lifecycle, submit/get/list/cancel/requeue.
 
-``_apply`` is the only place that changes a task's status: it checks the transition
-table, writes the journal (when there is one) before the change takes effect, updates the
-in-memory state, and emits one event.
+Task status changes in one section of this class ("the one writer"): ``_apply`` checks
+the transition table, writes the journal (when there is one) before the change takes
+effect, then ``_commit`` updates memory and emits the one event. ``_start`` and
+``_complete`` are ``_commit``'s two commonest cases, unrolled for the in-memory worker.
 """
 
 from __future__ import annotations
