@@ -36,6 +36,7 @@ from ._errors import BackgroundTasksError, InvalidTransition
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from .journal._protocol import Journal, TaskRow
+from .journal.sqlite import SQLiteJournal
 
 try:
     from rich.console import Console
@@ -196,17 +197,12 @@ def _owner() -> str:
     return f"cli:{socket.gethostname()}:{os.getpid()}"
 
 
-def _sqlite_journal(path: Path, **options: Any) -> Journal:
-    try:
-        from .journal.sqlite import SQLiteJournal
-    except ImportError as exc:  # pragma: no cover - only while the journal is being written
-        raise CliError(f"the SQLite journal is not available: {exc}") from exc
-    journal: Journal = SQLiteJournal(path, **options)
-    return journal
+def _sqlite_journal(path: Path, **options: Any) -> SQLiteJournal:
+    return SQLiteJournal(path, **options)
 
 
 @asynccontextmanager
-async def open_journal(path: str) -> AsyncIterator[Journal]:
+async def open_journal(path: str) -> AsyncIterator[SQLiteJournal]:
     """An existing journal, opened for reading and conditional writes; never creates one."""
     where = anyio.Path(path)
     if not await where.exists():
@@ -371,7 +367,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     async with open_journal(args.journal) as journal:
         counts = await journal.counts()
-        rows = {s: await _scan(journal, s) for s in TaskStatus if counts.get(s, 0) > 0}
+        per_queue = await journal.counts_by_queue()
+        oldest = await journal.oldest(TaskStatus.PENDING)
+        retrying = (
+            await _scan(journal, TaskStatus.RETRYING) if counts.get(TaskStatus.RETRYING) else []
+        )
+        running = await _scan(journal, TaskStatus.RUNNING) if counts.get(TaskStatus.RUNNING) else []
+        window = 60.0
+        done = await journal.finished_since(now - window)
     console = _console()
     total = sum(counts.values())
     console.print(f"[bold]journal[/bold] {escape(args.journal)}: {total} tasks")
@@ -379,9 +382,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     by_queue: dict[str, Counter[TaskStatus]] = {}
-    for status, found in rows.items():
-        for row in found:
-            by_queue.setdefault(row.queue, Counter())[status] += 1
+    for (queue, status), n in per_queue.items():
+        by_queue.setdefault(queue, Counter())[status] += n
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("QUEUE")
     for status in TaskStatus:
@@ -397,23 +399,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
         end_section=True,
     )
     console.print(table)
-    truncated = [s.value for s in TaskStatus if counts.get(s, 0) > SCAN_LIMIT]
-    if truncated:
-        console.print(
-            f"[dim]per-queue counts read the newest {SCAN_LIMIT} {', '.join(truncated)}"
-            " tasks only[/dim]"
-        )
     console.print()
 
-    pending = rows.get(TaskStatus.PENDING, [])
-    if pending:
-        oldest = min(pending, key=lambda r: r.created_at)
+    if oldest is not None:
         due = "" if oldest.scheduled_at <= now else f", not before {_ago(oldest.scheduled_at, now)}"
         console.print(
             f"[bold]oldest pending[/bold] {oldest.id} {escape(oldest.name)} "
             f"(queue {escape(oldest.queue)}), created {_ago(oldest.created_at, now)}{due}"
         )
-    retrying = rows.get(TaskStatus.RETRYING, [])
     if retrying:
         soonest = min(retrying, key=lambda r: r.scheduled_at)
         console.print(
@@ -422,7 +415,6 @@ async def cmd_status(args: argparse.Namespace) -> int:
             f"{soonest.max_attempts})"
         )
 
-    running = rows.get(TaskStatus.RUNNING, [])
     console.print(f"[bold]running[/bold] {len(running)}")
     if running:
         table = Table(box=None, header_style="bold", pad_edge=False)
@@ -442,14 +434,6 @@ async def cmd_status(args: argparse.Namespace) -> int:
             )
         console.print(table)
 
-    window = 60.0
-    since = now - window
-    done = Counter(
-        s
-        for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-        for row in rows.get(s, [])
-        if row.finished_at is not None and row.finished_at >= since
-    )
     console.print(
         f"[bold]last minute[/bold] {done[TaskStatus.COMPLETED]} completed "
         f"({done[TaskStatus.COMPLETED] / window:.2f}/s), {done[TaskStatus.FAILED]} failed, "
