@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import C, F, P, R, X, Y, noop, wait_status
 
 from background_tasks import (
     BackgroundTaskManager,
@@ -25,24 +26,6 @@ from background_tasks import (
 )
 
 pytestmark = pytest.mark.anyio
-
-P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
-C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
-
-
-async def wait_status(
-    manager: BackgroundTaskManager, task_id: str, status: TaskStatus, within: float = 5
-) -> None:
-    with anyio.fail_after(within):
-        while True:
-            record = await manager.get(task_id)
-            if record is not None and record.status is status:
-                return
-            await anyio.sleep(0.001)
-
-
-async def noop() -> None:
-    pass
 
 
 # ------------------------------------------------------------------ bounds

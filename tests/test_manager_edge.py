@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import anyio
 import pytest
+from support import C, R, X, noop, wait_status
 
 from background_tasks import (
     BackgroundTaskManager,
@@ -15,25 +16,10 @@ from background_tasks import (
     TaskCancelled,
     TaskFailed,
     TaskRegistry,
-    TaskStatus,
     current_task,
 )
 
 pytestmark = pytest.mark.anyio
-
-P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
-C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
-
-
-async def wait_status(
-    manager: BackgroundTaskManager, task_id: str, status: TaskStatus, within: float = 5
-) -> None:
-    with anyio.fail_after(within):
-        while True:
-            record = await manager.get(task_id)
-            if record is not None and record.status is status:
-                return
-            await anyio.sleep(0.001)
 
 
 async def stopped(manager: BackgroundTaskManager) -> None:
@@ -43,10 +29,6 @@ async def stopped(manager: BackgroundTaskManager) -> None:
             if not manager.running:
                 return
             await anyio.sleep(0.001)
-
-
-async def noop() -> None:
-    pass
 
 
 async def value(x: int) -> int:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import anyio
 import pytest
+from support import C, R, X, noop, wait_status
 
 from background_tasks import (
     BackgroundTaskManager,
@@ -16,29 +17,10 @@ from background_tasks import (
     RetryPolicy,
     TaskCancelled,
     TaskHandle,
-    TaskStatus,
     current_task,
 )
 
 pytestmark = pytest.mark.anyio
-
-P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
-C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
-
-
-async def wait_status(
-    manager: BackgroundTaskManager, task_id: str, status: TaskStatus, within: float = 5
-) -> None:
-    with anyio.fail_after(within):
-        while True:
-            record = await manager.get(task_id)
-            if record is not None and record.status is status:
-                return
-            await anyio.sleep(0.001)
-
-
-async def noop() -> None:
-    pass
 
 
 async def value(x: int) -> int:

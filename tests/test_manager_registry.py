@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import anyio
 import pytest
+from support import noop
 
 from background_tasks import (
     BackgroundTaskManager,
@@ -19,10 +20,6 @@ from background_tasks import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-async def noop() -> None:
-    pass
 
 
 async def sleepy(seconds: float) -> str:
