@@ -115,7 +115,15 @@ async def _run_journaled(
         await manager._finish(task, CANCELLED)
         return
     ended, value = await run_attempt(task, manager, scope)
-    with anyio.CancelScope(shield=True):  # a computed outcome is never lost to shutdown
+    # A computed outcome is never lost to a cancellation. Once the attempt is over, no
+    # cancel, timeout or shutdown reaches this worker's scope (they go through task.scope,
+    # cleared when the attempt ended), unless the task swallowed one: shield only then.
+    # (An outer cancellation that interrupts the write is settled by the journal: the
+    # leader of the batch still commits it, and this manager's stale copy is fenced.)
+    if scope.cancel_called:
+        with anyio.CancelScope(shield=True):
+            await _record(manager, task, ended, value)
+    else:
         await _record(manager, task, ended, value)
 
 
