@@ -46,13 +46,7 @@ from typing import Any
 import aiojobs
 import anyio
 
-try:
-    from background_tasks import BackgroundTaskManager
-except ImportError as exc:  # pragma: no cover - the core may not exist yet
-    BackgroundTaskManager = None  # type: ignore[assignment,misc]
-    _IMPORT_ERROR: ImportError | None = exc
-else:
-    _IMPORT_ERROR = None
+from background_tasks import BackgroundTaskManager
 
 CONCURRENCY = 100
 perf = time.perf_counter
@@ -588,12 +582,6 @@ def main(argv: list[str] | None = None) -> int:
     lat_n = a.lat_n or (200 if a.quick else 2_000)
     MEM_N_LABEL = f"{mem_n:,}"
     names = a.only or list(CONTENDERS)
-    if BackgroundTaskManager is None:
-        print(
-            f"background_tasks not importable ({_IMPORT_ERROR}); running without it",
-            file=sys.stderr,
-        )
-        names = [c for c in names if not c.startswith("manager")]
 
     print(
         f"Python {platform.python_version()} on {platform.machine()}; aiojobs "

@@ -52,17 +52,7 @@ from typing import Any
 import anyio
 from huey import SqliteHuey
 
-from background_tasks import BackgroundTaskManager
-
-_JOURNAL_ERROR: ImportError | None = None
-try:
-    from background_tasks import SQLiteJournal
-except ImportError:  # the journal lands after the core; try its module directly
-    try:
-        from background_tasks.journal.sqlite import SQLiteJournal
-    except ImportError as exc:
-        SQLiteJournal = None  # type: ignore[assignment,misc]
-        _JOURNAL_ERROR = exc
+from background_tasks import BackgroundTaskManager, SQLiteJournal
 
 CONCURRENCY = 100
 SUBMITTERS = 50
@@ -378,9 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     huey_n = a.huey_n or (1_000 if a.quick else 5_000)
     recover_n = a.recover_n or (10_000 if a.quick else 100_000)
     lat_n = a.lat_n or (100 if a.quick else 500)
-    journaled = SQLiteJournal is not None
-    if not journaled:
-        say(f"SQLiteJournal not importable ({_JOURNAL_ERROR}); journaled rows are skipped")
 
     workdir = tempfile.mkdtemp(prefix="bgtasks-bench-", dir=a.dir)
     say(
@@ -390,10 +377,9 @@ def main(argv: list[str] | None = None) -> int:
 
     contenders: dict[str, Callable[[], dict[str, float]]] = {
         "manager (memory)": lambda: manager_throughput(workdir, None, n),
+        "manager SQLite FULL": lambda: manager_throughput(workdir, "FULL", n),
+        "manager SQLite NORMAL": lambda: manager_throughput(workdir, "NORMAL", n),
     }
-    if journaled:
-        contenders["manager SQLite FULL"] = lambda: manager_throughput(workdir, "FULL", n)
-        contenders["manager SQLite NORMAL"] = lambda: manager_throughput(workdir, "NORMAL", n)
     contenders["huey SqliteHuey"] = lambda: huey_throughput(workdir, huey_n)
     contenders["sqlite3 floor (100/commit)"] = lambda: sqlite_floor(workdir, n, 100)
     contenders["sqlite3, commit per write"] = lambda: sqlite_floor(workdir, max(n // 10, 500), 0)
@@ -427,8 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         lat: dict[str, dict[str, float]] = {}
         if "latency" not in a.skip:
             for label, sync in [("memory", None), ("FULL", "FULL"), ("NORMAL", "NORMAL")]:
-                if sync and not journaled:
-                    continue
                 lat[label] = submit_latency(workdir, sync, lat_n)
                 say(f"  submit latency {label:<7} p50 {lat[label]['p50_ms']:.3f} ms")
 
@@ -437,29 +421,28 @@ def main(argv: list[str] | None = None) -> int:
         if "recovery" not in a.skip:
             mem["memory"] = pending_memory(None, None, recover_n)
             say(f"  memory, in-memory manager: {mem['memory']:,.0f} B/pending")
-            if journaled:
-                path = os.path.join(workdir, "recover.db")
-                _unlink_db(path)
-                t0 = perf()
-                mem["FULL"] = pending_memory(path, "FULL", recover_n)
+            path = os.path.join(workdir, "recover.db")
+            _unlink_db(path)
+            t0 = perf()
+            mem["FULL"] = pending_memory(path, "FULL", recover_n)
+            say(
+                f"  memory, journaled (FULL): {mem['FULL']:,.0f} B/pending; wrote "
+                f"{recover_n:,} pending in {perf() - t0:.1f} s (with tracemalloc on)"
+            )
+            runs = [recover(path, "FULL", recover_n) for _ in range(3)]
+            for i, run in enumerate(runs):
                 say(
-                    f"  memory, journaled (FULL): {mem['FULL']:,.0f} B/pending; wrote "
-                    f"{recover_n:,} pending in {perf() - t0:.1f} s (with tracemalloc on)"
+                    f"  recovery {i + 1}: start {run['start_s']:.2f} s, "
+                    f"all queued {run['all_queued_s']:.2f} s"
                 )
-                runs = [recover(path, "FULL", recover_n) for _ in range(3)]
-                for i, run in enumerate(runs):
-                    say(
-                        f"  recovery {i + 1}: start {run['start_s']:.2f} s, "
-                        f"all queued {run['all_queued_s']:.2f} s"
-                    )
-                rec = {
-                    "runs": runs,
-                    "start_s": _med(runs, "start_s"),
-                    "all_queued_s": _med(runs, "all_queued_s"),
-                }
-                after = recover(path, "FULL", recover_n, trace=True)
-                mem["FULL after recovery"] = after["bytes_per_pending"]
-                _unlink_db(path)
+            rec = {
+                "runs": runs,
+                "start_s": _med(runs, "start_s"),
+                "all_queued_s": _med(runs, "all_queued_s"),
+            }
+            after = recover(path, "FULL", recover_n, trace=True)
+            mem["FULL after recovery"] = after["bytes_per_pending"]
+            _unlink_db(path)
     finally:
         for leftover in os.listdir(workdir):
             os.unlink(os.path.join(workdir, leftover))
