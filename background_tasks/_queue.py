@@ -36,18 +36,19 @@ class _Lane:
             bisect.insort(self.order, -task.priority)
         lane.append(task)
 
-    def front(self) -> Task | None:
-        """The next live task, dropping stale entries and emptied priorities."""
-        for negated in self.order:
+    def front(self) -> deque[Task] | None:
+        """The deque whose first task runs next, dropping stale entries and emptied
+        priorities on the way; None when the lane is empty."""
+        order = self.order
+        while order:
+            negated = order[0]
             lane = self.by_priority[-negated]
             while lane:
-                task = lane[0]
-                if task.seq >= 0:
-                    return task
+                if lane[0].seq >= 0:
+                    return lane
                 lane.popleft()
             del self.by_priority[-negated]
-            self.order.remove(negated)
-            return self.front()
+            del order[0]
         return None
 
 
@@ -103,24 +104,28 @@ class ReadyQueue:
 
     def pop(self) -> Task | None:
         """The best ready task whose queue has room, or None; takes a slot of its queue."""
-        best: Task | None = None
+        best: deque[Task] | None = None
+        limits = self._limits
         for name, lane in self._lanes.items():
-            task = lane.front()
-            if task is None:
+            head = lane.front()
+            if head is None:
                 continue
-            limit = self._limits.get(name)
-            if limit is not None and self._running[name] >= limit:
+            if limits and name in limits and self._running[name] >= limits[name]:
                 continue
-            if best is None or (-task.priority, task.seq) < (-best.priority, best.seq):
-                best = task
+            if best is None:
+                best = head
+            else:
+                task, other = head[0], best[0]
+                if (-task.priority, task.seq) < (-other.priority, other.seq):
+                    best = head
         if best is None:
             return None
-        self._lanes[best.queue].by_priority[best.priority].popleft()
-        best.seq = -1
+        task = best.popleft()
+        task.seq = -1
         self.size -= 1
-        if best.queue in self._running:
-            self._running[best.queue] += 1
-        return best
+        if limits and task.queue in self._running:
+            self._running[task.queue] += 1
+        return task
 
     def release(self, queue: str) -> bool:
         """Give back a slot taken by pop; True if that queue has a limit (so waiters may run)."""
