@@ -211,7 +211,7 @@ def adopt(manager: BackgroundTaskManager, row: TaskRow) -> Task | None:
 
 
 def _take(manager: BackgroundTaskManager, row: TaskRow) -> None:
-    if row.id in manager._tasks:
+    if row.id in manager._tasks or not manager.run_tasks:
         return
     task = adopt(manager, row)
     if task is not None:

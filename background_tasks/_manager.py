@@ -96,6 +96,12 @@ class BackgroundTaskManager:
     Use it as ``async with manager:`` (or ``FastAPI(lifespan=manager.lifespan)``); leaving
     the block shuts down gracefully: intake stops, running attempts get ``shutdown_timeout``
     seconds, then are cancelled.
+
+    Beyond API.md: ``poll_interval`` is how often a journaled manager looks for changes
+    made by others (cancels, finished tasks it awaits, new work) when the journal cannot
+    notify it; ``run_tasks=False`` (journal required) makes a manager that only submits,
+    queries and waits, leaving the running to other managers on the same journal (a web
+    app in front of a fleet of ``bgtasks worker`` processes).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class BackgroundTaskManager:
         keep_finished: int = 10_000,
         max_recoveries: int = 5,
         poll_interval: float = 0.2,
+        run_tasks: bool = True,
     ) -> None:
         self.max_concurrency: int = _check_int("max_concurrency", max_concurrency, 1)  # type: ignore[assignment]
         if queues is not None:
@@ -143,6 +150,14 @@ class BackgroundTaskManager:
         if not isinstance(poll_interval, int | float) or not 0 < poll_interval <= 1:
             raise ValueError(f"poll_interval must be in (0, 1] seconds, got {poll_interval!r}")
         self.poll_interval = float(poll_interval)
+        if not isinstance(run_tasks, bool):
+            raise ValueError(f"run_tasks must be a bool, got {run_tasks!r}")
+        if not run_tasks and journal is None:
+            raise ValueError(
+                "run_tasks=False needs a journal: tasks are then run by other managers "
+                "(for example `bgtasks worker`) that share it"
+            )
+        self.run_tasks = run_tasks
 
         self.registry = TaskRegistry()
         self.registry._manager = self
@@ -242,11 +257,15 @@ class BackgroundTaskManager:
             await tg.__aexit__(None, None, None)
             await self.journal.close()  # type: ignore[union-attr]
             raise
-        self._workers_left = self.max_concurrency
         self._workers_done = anyio.Event()
-        for _ in range(self.max_concurrency):
-            tg.start_soon(self._worker)
-        tg.start_soon(self._timer)
+        if self.run_tasks:
+            self._workers_left = self.max_concurrency
+            for _ in range(self.max_concurrency):
+                tg.start_soon(self._worker)
+            tg.start_soon(self._timer)
+        else:  # submit and watch only: the journal's other managers run the tasks
+            self._workers_left = 0
+            self._workers_done.set()
         self._state = "running"
         return self
 
@@ -461,7 +480,7 @@ class BackgroundTaskManager:
             stored = await self.journal.insert(_durable.new_row(task))
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self, stored.id, self._tasks.get(stored.id))
-            if self._state != "running":  # stopped meanwhile: it is on disk for the next start
+            if self._state != "running" or not self.run_tasks:  # on disk; run elsewhere/later
                 return TaskHandle(self, task.id, None)
         self._tasks[task.id] = task
         counts[PENDING] += 1
@@ -586,7 +605,7 @@ class BackgroundTaskManager:
             if self.journal is None:
                 raise TaskNotFound(task_id)
             row = await _durable.requeue_row(self.journal, self.owner, task_id)
-            if row.id not in self._tasks:
+            if row.id not in self._tasks and self.run_tasks:
                 adopted = _durable.adopt(self, row)
                 if adopted is not None:
                     self._enqueue(adopted, row.scheduled_at)
