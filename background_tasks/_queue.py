@@ -74,7 +74,6 @@ class ReadyQueue:
     def push_delayed(self, task: Task, due: float) -> bool:
         """Queue ``task`` for monotonic time ``due``; True if it is now the earliest."""
         seq = task.seq = next(self._seq)
-        task.due = due
         heapq.heappush(self._delayed, (due, seq, task))
         self.size += 1
         return self._delayed[0][1] == seq

@@ -29,7 +29,6 @@ class Task:
         "busy",
         "cancel_requested",
         "created_at",
-        "due",
         "error",
         "exc",
         "finished_at",
@@ -40,7 +39,6 @@ class Task:
         "kwargs",
         "max_attempts",
         "name",
-        "options_json",
         "priority",
         "progress",
         "queue",
@@ -96,7 +94,6 @@ class Task:
         self.exc: BaseException | None = None  # the original exception, in this process only
         self.progress: tuple[float | None, str | None, float] | None = None
         self.seq = -1  # the ready queue's token for this task's live entry; -1 = not queued
-        self.due = 0.0  # monotonic not-before while delayed
         self.scope: anyio.CancelScope | None = None  # the running attempt's scope
         self.waiters: anyio.Event | None = None  # made only when someone awaits
         self.cancel_requested = False
@@ -104,7 +101,6 @@ class Task:
         self.busy = False  # a journal write for this task is in flight
         self.remote = False  # another manager sharing the journal owns its fate now
         self.version = 0  # the journal row's version this process last saw
-        self.options_json: str | None = None
 
     def record(self) -> TaskRecord:
         progress = None

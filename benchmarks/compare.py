@@ -103,32 +103,40 @@ async def run_aiojobs(n: int, fn: Callable[[], Coroutine[Any, Any, None]]) -> fl
         await scheduler.close()
 
 
-async def run_pool(n: int, fn: Callable[[], Coroutine[Any, Any, None]]) -> float:
-    queue: asyncio.Queue[Coroutine[Any, Any, None]] = asyncio.Queue()
-    done = asyncio.Event()
-    remaining = n
+class _Pool:
+    """The floor: CONCURRENCY long-lived tasks awaiting coroutines from one asyncio.Queue."""
 
-    async def worker() -> None:
-        nonlocal remaining
+    def __init__(self, n: int) -> None:
+        self.queue: asyncio.Queue[Coroutine[Any, Any, Any]] = asyncio.Queue()
+        self.done = asyncio.Event()
+        self.remaining = n
+        self.workers = [asyncio.create_task(self._worker()) for _ in range(CONCURRENCY)]
+
+    async def _worker(self) -> None:
         while True:
-            coro = await queue.get()
+            coro = await self.queue.get()
             await coro
-            remaining -= 1
-            if remaining == 0:
-                done.set()
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.done.set()
 
-    workers = [asyncio.create_task(worker()) for _ in range(CONCURRENCY)]
+    async def close(self) -> None:
+        for w in self.workers:
+            w.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+
+
+async def run_pool(n: int, fn: Callable[[], Coroutine[Any, Any, None]]) -> float:
+    pool = _Pool(n)
     await asyncio.sleep(0)
     try:
         t0 = perf()
         for _ in range(n):
-            queue.put_nowait(fn())
-        await done.wait()
+            pool.queue.put_nowait(fn())
+        await pool.done.wait()
         return perf() - t0
     finally:
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await pool.close()
 
 
 async def run_manager(n: int, fn: Callable[[], Coroutine[Any, Any, None]]) -> float:
@@ -237,33 +245,18 @@ async def mem_aiojobs(n: int) -> float:
 
 async def mem_pool(n: int) -> float:
     ev = asyncio.Event()
-    done = asyncio.Event()
-    queue: asyncio.Queue[Coroutine[Any, Any, Any]] = asyncio.Queue()
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal remaining
-        while True:
-            coro = await queue.get()
-            await coro
-            remaining -= 1
-            if remaining == 0:
-                done.set()
-
-    workers = [asyncio.create_task(worker()) for _ in range(CONCURRENCY)]
+    pool = _Pool(n)
     await _settle()
     gc.collect()
     base = tracemalloc.get_traced_memory()[0]
     for _ in range(n):
-        queue.put_nowait(ev.wait())
+        pool.queue.put_nowait(ev.wait())
     await _settle()
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     ev.set()
-    await done.wait()
-    for w in workers:
-        w.cancel()
-    await asyncio.gather(*workers, return_exceptions=True)
+    await pool.done.wait()
+    await pool.close()
     return used / n
 
 

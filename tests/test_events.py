@@ -23,18 +23,6 @@ KEYS = {"task_id", "name", "queue", "from", "to", "attempt"}
 
 
 @pytest.fixture
-def debug_events() -> Iterator[Logs]:
-    logger = logging.getLogger("background_tasks")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            yield logs
-    finally:
-        logger.setLevel(old)
-
-
-@pytest.fixture
 def default_level_events() -> Iterator[Logs]:
     logger = logging.getLogger("background_tasks")
     assert logger.getEffectiveLevel() > logging.DEBUG  # nothing configured: WARNING

@@ -4,14 +4,12 @@ transition driven through the public API (on asyncio and trio)."""
 from __future__ import annotations
 
 import itertools
-import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-import structlog
 
 from background_tasks import (
     TRANSITIONS,
@@ -112,18 +110,6 @@ def test_running_to_pending_is_allowed_for_interrupted_attempts() -> None:
 # ------------------------------------------------------------------ each transition, live
 
 
-@pytest.fixture
-def events() -> Iterator[Logs]:
-    logger = logging.getLogger("background_tasks")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            yield logs
-    finally:
-        logger.setLevel(old)
-
-
 def path(logs: Logs, task_id: str) -> list[tuple[str, str]]:
     return [
         (e["from"], e["to"])
@@ -136,7 +122,7 @@ NO_JITTER = RetryPolicy(max_attempts=2, base_delay=0.01, jitter=False)
 
 
 @pytest.mark.anyio
-async def test_pending_running_completed(events: Logs) -> None:
+async def test_pending_running_completed(debug_events: Logs) -> None:
     async def double(x: int) -> int:
         await anyio.lowlevel.checkpoint()
         return 2 * x
@@ -147,11 +133,11 @@ async def test_pending_running_completed(events: Logs) -> None:
         record = await manager.get(handle.id)
     assert record is not None
     assert record.status is C
-    assert path(events, handle.id) == [("pending", "running"), ("running", "completed")]
+    assert path(debug_events, handle.id) == [("pending", "running"), ("running", "completed")]
 
 
 @pytest.mark.anyio
-async def test_pending_cancelled(events: Logs) -> None:
+async def test_pending_cancelled(debug_events: Logs) -> None:
     async def never() -> None:
         raise AssertionError("a cancelled pending task must not run")
 
@@ -166,11 +152,11 @@ async def test_pending_cancelled(events: Logs) -> None:
     assert record.attempts == 0
     assert record.started_at is None
     assert record.finished_at is not None
-    assert path(events, handle.id) == [("pending", "cancelled")]
+    assert path(debug_events, handle.id) == [("pending", "cancelled")]
 
 
 @pytest.mark.anyio
-async def test_running_failed(events: Logs) -> None:
+async def test_running_failed(debug_events: Logs) -> None:
     async def boom() -> None:
         raise ValueError("boom")
 
@@ -178,11 +164,11 @@ async def test_running_failed(events: Logs) -> None:
         handle = await manager.submit(boom)
         with pytest.raises(TaskFailed):
             await handle
-    assert path(events, handle.id) == [("pending", "running"), ("running", "failed")]
+    assert path(debug_events, handle.id) == [("pending", "running"), ("running", "failed")]
 
 
 @pytest.mark.anyio
-async def test_running_retrying_running(events: Logs) -> None:
+async def test_running_retrying_running(debug_events: Logs) -> None:
     calls = 0
 
     async def flaky() -> str:
@@ -198,7 +184,7 @@ async def test_running_retrying_running(events: Logs) -> None:
         record = await manager.get(handle.id)
     assert record is not None
     assert record.attempts == 2
-    assert path(events, handle.id) == [
+    assert path(debug_events, handle.id) == [
         ("pending", "running"),
         ("running", "retrying"),
         ("retrying", "running"),
@@ -207,7 +193,7 @@ async def test_running_retrying_running(events: Logs) -> None:
 
 
 @pytest.mark.anyio
-async def test_running_cancelled(events: Logs) -> None:
+async def test_running_cancelled(debug_events: Logs) -> None:
     started = anyio.Event()
     cleaned = False
 
@@ -226,11 +212,11 @@ async def test_running_cancelled(events: Logs) -> None:
         assert cleaned
         with pytest.raises(TaskCancelled):
             await handle
-    assert path(events, handle.id) == [("pending", "running"), ("running", "cancelled")]
+    assert path(debug_events, handle.id) == [("pending", "running"), ("running", "cancelled")]
 
 
 @pytest.mark.anyio
-async def test_retrying_cancelled(events: Logs) -> None:
+async def test_retrying_cancelled(debug_events: Logs) -> None:
     async def boom() -> None:
         raise ValueError("boom")
 
@@ -246,7 +232,7 @@ async def test_retrying_cancelled(events: Logs) -> None:
         assert await handle.cancel() is True
         with pytest.raises(TaskCancelled):
             await handle
-    assert path(events, handle.id) == [
+    assert path(debug_events, handle.id) == [
         ("pending", "running"),
         ("running", "retrying"),
         ("retrying", "cancelled"),
@@ -254,7 +240,7 @@ async def test_retrying_cancelled(events: Logs) -> None:
 
 
 @pytest.mark.anyio
-async def test_failed_pending_by_requeue(events: Logs) -> None:
+async def test_failed_pending_by_requeue(debug_events: Logs) -> None:
     fail = True
 
     async def sometimes() -> str:
@@ -272,7 +258,7 @@ async def test_failed_pending_by_requeue(events: Logs) -> None:
         assert record.error is None
         assert record.attempts == 0
         assert await handle == "done"
-    assert path(events, handle.id) == [
+    assert path(debug_events, handle.id) == [
         ("pending", "running"),
         ("running", "failed"),
         ("failed", "pending"),
@@ -282,7 +268,7 @@ async def test_failed_pending_by_requeue(events: Logs) -> None:
 
 
 @pytest.mark.anyio
-async def test_cancelled_pending_by_requeue(events: Logs) -> None:
+async def test_cancelled_pending_by_requeue(debug_events: Logs) -> None:
     async def quick() -> int:
         return 7
 
@@ -294,7 +280,7 @@ async def test_cancelled_pending_by_requeue(events: Logs) -> None:
         # requeue makes it due now (a fresh start), not 60 s later
         with anyio.fail_after(5):
             assert await handle == 7
-    assert path(events, handle.id) == [
+    assert path(debug_events, handle.id) == [
         ("pending", "cancelled"),
         ("cancelled", "pending"),
         ("pending", "running"),
@@ -304,7 +290,7 @@ async def test_cancelled_pending_by_requeue(events: Logs) -> None:
 
 @pytest.mark.anyio
 async def test_shutdown_interrupts_running_without_journal(
-    events: Logs,
+    debug_events: Logs,
 ) -> None:
     started = anyio.Event()
 
@@ -316,18 +302,18 @@ async def test_shutdown_interrupts_running_without_journal(
     async with manager:
         handle = await manager.submit(forever)
         await started.wait()
-    assert path(events, handle.id) == [("pending", "running"), ("running", "cancelled")]
+    assert path(debug_events, handle.id) == [("pending", "running"), ("running", "cancelled")]
 
 
 @pytest.mark.anyio
-async def test_event_keys(events: Logs) -> None:
+async def test_event_keys(debug_events: Logs) -> None:
     async def named() -> None:
         pass
 
     async with BackgroundTaskManager() as manager:
         handle = await manager.submit(named, queue="default")
         await handle
-    transitions = [e for e in events if e["event"] == "task_transition"]
+    transitions = [e for e in debug_events if e["event"] == "task_transition"]
     assert len(transitions) == 2
     for event in transitions:
         assert {"task_id", "name", "queue", "from", "to", "attempt"} <= set(event)
