@@ -44,7 +44,7 @@ from ._states import TRANSITIONS, TaskStatus, check_transition
 from ._task import Task
 from ._validate import check_delay, check_priority, check_retry, check_timeout
 from ._worker import worker_loop
-from .journal._protocol import Journal
+from .journal._protocol import Journal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
 
@@ -169,12 +169,15 @@ class BackgroundTaskManager:
         self._queue = ReadyQueue(self.queues or {})
         self._idle: list[anyio.Event] = []
         self._running_tasks: set[Task] = set()
+        self._claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
+        self._claims_on_insert = bool(getattr(journal, "claims_on_insert", False))
         self._remote_waiters: dict[str, anyio.Event] = {}
         self._state = "new"  # new -> running -> closing -> closed (-> running again)
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._timer_wake: anyio.Event | None = None
         self._workers_left = 0
+        self._workers_started = 0  # workers started since __aenter__
         self._workers_done: anyio.Event | None = None
         self._cursor = 0
         self._event_cls: Callable[[], anyio.Event] = anyio.Event
@@ -260,9 +263,12 @@ class BackgroundTaskManager:
         self._workers_done = anyio.Event()
         if self.run_tasks:
             self._workers_left = self.max_concurrency
+            self._workers_started = 0
             for _ in range(self.max_concurrency):
                 tg.start_soon(self._worker)
             tg.start_soon(self._timer)
+            while self._workers_started < self.max_concurrency:  # each took work or waits
+                await anyio.lowlevel.checkpoint()  # for it: a first submit finds them
         else:  # submit and watch only: the journal's other managers run the tasks
             self._workers_left = 0
             self._workers_done.set()
@@ -296,6 +302,14 @@ class BackgroundTaskManager:
                     if task.scope is not None:
                         task.scope.cancel()
                 await self._workers_done.wait()
+                while self._claimed:  # claimed at submit, never started: the next start runs it
+                    task = self._claimed.popleft()
+                    self._queue.release(task.queue)
+                    if task.status is RUNNING and not task.remote:
+                        if task.cancel_requested:
+                            await self._apply(task, CANCELLED)
+                        else:
+                            await self._interrupt(task)
                 await self._drop_waiting()
         finally:
             tg.cancel_scope.cancel()
@@ -325,6 +339,7 @@ class BackgroundTaskManager:
             yield
 
     async def _worker(self) -> None:
+        self._workers_started += 1
         try:
             await worker_loop(self)
         finally:
@@ -477,7 +492,10 @@ class BackgroundTaskManager:
             now + wait,
         )
         if self.journal is not None:
-            stored = await self.journal.insert(_durable.new_row(task))
+            row = _durable.new_row(task)
+            if wait <= 0 and self._idle and self._claims_on_insert and self._queue.take(queue):
+                return await self._submit_claimed(task, row)
+            stored = await self.journal.insert(row)
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self, stored.id, self._tasks.get(stored.id))
             if self._state != "running" or not self.run_tasks:  # on disk; run elsewhere/later
@@ -495,6 +513,70 @@ class BackgroundTaskManager:
             if self._idle:
                 self._idle.pop().set()
         return TaskHandle(self, task.id, task)
+
+    async def _submit_claimed(self, task: Task, row: TaskRow) -> TaskHandle[Any]:
+        """Accept and claim in one journal write: a worker is idle, so the task would be
+        claimed by the very next write anyway (one write and one wake-up fewer).
+
+        The idle worker and the queue slot are reserved before the write and given back
+        if it fails. A submitter cancelled while the write is in flight leaves the task
+        to ``_adopt``, so that a stored claim never goes without a worker.
+        """
+        journal = self.journal
+        assert journal is not None
+        worker = self._idle.pop()
+        now = task.created_at
+        row.status, row.version, row.attempts = RUNNING, 1, 1
+        row.owner, row.started_at = self.owner, now
+        row.lease_until = now + journal.lease_timeout
+        try:
+            stored = await journal.insert(row)
+        except BaseException as exc:
+            self._queue.release(task.queue)
+            worker.set()  # it looks for work again (and sees a shutdown, if one began)
+            if not isinstance(exc, Exception) and self._tg is not None:  # cancelled
+                self._tg.start_soon(self._adopt, task)
+            raise
+        if stored.id != task.id:  # an unfinished task with this key exists elsewhere
+            self._queue.release(task.queue)
+            worker.set()
+            return TaskHandle(self, stored.id, self._tasks.get(stored.id))
+        self._take_claimed(task)
+        worker.set()
+        return TaskHandle(self, task.id, task)
+
+    def _take_claimed(self, task: Task) -> None:
+        """Register a task stored as claimed by this manager and queue it for a worker."""
+        self._tasks[task.id] = task
+        self._counts[PENDING] += 1
+        if task.key is not None:
+            self._keys[task.key] = task
+        if is_enabled(DEBUG):
+            log.debug(
+                "task_submitted", task_id=task.id, name=task.name, queue=task.queue, attempt=0
+            )
+        task.version = 1
+        self._commit(task, RUNNING, task.created_at)
+        self._running_tasks.add(task)
+        self._claimed.append(task)
+
+    async def _adopt(self, task: Task) -> None:
+        """A submitter was cancelled while its claiming insert was in flight: once that
+        write is settled (a later write of ours commits after it), run the task if it
+        was stored."""
+        journal = self.journal
+        assert journal is not None
+        try:
+            await journal.renew(self.owner, time.time() + journal.lease_timeout)
+            row = await journal.get(task.id)
+        except Exception:
+            log.exception("task_adopt_failed", task_id=task.id, name=task.name)
+            return
+        if row is None or row.status is not RUNNING or row.owner != self.owner:
+            return
+        self._queue.take(task.queue, force=True)  # already claimed: its worker releases it
+        self._take_claimed(task)
+        self._wake(1)
 
     def _resolve(self, fn: object) -> RegisteredTask[Any, Any] | None:
         if isinstance(fn, RegisteredTask):

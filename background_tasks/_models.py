@@ -111,6 +111,8 @@ _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=
 def dumps(value: Any, what: str, *about: object) -> str:
     """JSON text for ``value``; SerializationError says what could not be stored
     (``what % about``, formatted only then: this runs three times per journaled task)."""
+    if value is None:  # most results
+        return "null"
     try:
         return _encode(value)
     except (TypeError, ValueError, RecursionError) as exc:

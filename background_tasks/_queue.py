@@ -126,6 +126,17 @@ class ReadyQueue:
             self._running[task.queue] += 1
         return task
 
+    def take(self, queue: str, *, force: bool = False) -> bool:
+        """Take a slot of ``queue`` for a task that skips the ready queue (claimed when it
+        was submitted); False if the queue is at its limit, unless ``force``."""
+        running = self._running
+        if queue not in running:
+            return True
+        if running[queue] >= self._limits[queue] and not force:
+            return False
+        running[queue] += 1
+        return True
+
     def release(self, queue: str) -> bool:
         """Give back a slot taken by pop; True if that queue has a limit (so waiters may run)."""
         if queue in self._running:

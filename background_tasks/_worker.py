@@ -35,6 +35,7 @@ COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStat
 async def worker_loop(manager: BackgroundTaskManager) -> None:
     queue = manager._queue
     idle = manager._idle
+    claimed = manager._claimed
     event_cls = manager._event_cls
     scope_cls = manager._scope_cls
     in_memory = manager.journal is None
@@ -45,7 +46,7 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
         try:
             with scope:
                 while not manager._closing and not scope.cancel_called:
-                    task = queue.pop()
+                    task = claimed.popleft() if claimed else queue.pop()
                     if task is None:
                         event = event_cls()
                         idle.append(event)
@@ -64,10 +65,11 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
                     finally:
                         if current is None and queue.release(task.queue):
                             manager._wake(1)
-                    streak += 1
-                    if streak >= _FAIR_SHARE:  # tasks that never await must not starve the app
-                        streak = 0
-                        await anyio.lowlevel.checkpoint()
+                    if in_memory:  # a journaled task awaited its writes: no streak there
+                        streak += 1
+                        if streak >= _FAIR_SHARE:  # tasks that never await must not starve
+                            streak = 0
+                            await anyio.lowlevel.checkpoint()
         except BaseException:  # cancelled from outside (the app's scope): record, then go
             if current is not None:
                 current.interrupted = True
@@ -109,7 +111,10 @@ def _end(manager: BackgroundTaskManager, task: Task, ended: Ended, value: Any) -
 async def _run_journaled(
     manager: BackgroundTaskManager, task: Task, scope: anyio.CancelScope
 ) -> None:
-    if not await manager._claim(task):
+    if task.status is RUNNING:  # claimed as it was submitted (``_submit_claimed``)
+        if task.remote:
+            return
+    elif not await manager._claim(task):
         return
     if task.cancel_requested:  # cancelled while the claim was being written
         await manager._finish(task, CANCELLED)

@@ -269,6 +269,8 @@ class _Op:
     __slots__ = ("error", "result")
     #: whether the caller waits for the commit (False: progress, which may ride along)
     awaited = True
+    #: whether the caller is woken before the others of the batch (see GroupCommit)
+    first = False
     #: lock order inside a batch: inserts (0), single rows by id (1), many rows (2)
     rank = 2
 
@@ -329,6 +331,7 @@ class _Insert(_Op):
 class _Apply(_Op):
     __slots__ = ("change", "params", "sql")
     rank = 1
+    first = True
 
     def __init__(self, change: Change, sql: str, params: list[Any]) -> None:
         super().__init__()

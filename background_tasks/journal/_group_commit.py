@@ -5,7 +5,9 @@ Many concurrent writes thus share one transaction (DESIGN.md §2) without a writ
 of its own: the first operation of a batch makes its caller the leader, which waits for
 the previous batch's commit (so batches commit in order), closes its batch and runs it
 with the journal's ``write_batch`` in a worker thread. Operations that arrive meanwhile
-form the next batch. One event per batch, not per operation.
+form the next batch. Two events per batch, not one per operation: callers of ``first``
+operations (a worker recording an outcome) are woken before the rest (submitters), so a
+worker is idle again when the submitters of the same batch look for one.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ class Operation(Protocol):
     result: Any
     error: BaseException | None
     awaited: bool  # False: the caller does not wait for the commit (progress rides along)
+    first: bool  # True: its caller is woken before the others of its batch
 
 
 class _Batch:
-    __slots__ = ("closed", "done", "ops", "prev")
+    __slots__ = ("closed", "done", "done_first", "ops", "prev")
 
     def __init__(self, prev: _Batch | None) -> None:
         self.ops: list[Any] = []
         self.done = anyio.Event()
+        self.done_first = anyio.Event()
         self.prev = prev
         self.closed = False
 
@@ -58,7 +62,7 @@ class GroupCommit:
             batch.ops.append(op)
             if not op.awaited:
                 return None
-            await batch.done.wait()
+            await (batch.done_first if op.first else batch.done).wait()
         if op.error is not None:
             raise op.error
         return op.result
@@ -72,14 +76,16 @@ class GroupCommit:
                 if prev is not None:
                     batch.prev = None
                     await prev.done.wait()
-                else:
-                    await anyio.lowlevel.checkpoint()  # let this tick's callers join
+                # Let this tick's callers join, including the workers that the previous
+                # batch's callers just handed a task (they record its outcome at once).
+                await anyio.lowlevel.checkpoint()
                 batch.closed = True
                 if self._open is batch:
                     self._open = None
                 await anyio.to_thread.run_sync(self.write_batch, batch.ops)
             finally:
                 batch.closed = True
+                batch.done_first.set()
                 batch.done.set()
 
     async def drain(self) -> None:

@@ -86,6 +86,12 @@ class Journal(Protocol):
 
         If ``row.key`` is set and a task with that key is not finished, store nothing and
         return that task's row instead (the caller compares ids).
+
+        A journal whose class sets ``claims_on_insert = True`` also takes a row that is
+        already claimed (``status`` RUNNING, ``version`` 1, ``attempts`` 1, ``owner``,
+        ``lease_until``, ``started_at``): it stores the row as it is, with two history
+        lines (submitted, then PENDING -> RUNNING). The manager then claims a task in the
+        transaction that accepts it when a worker is idle, one write instead of two.
         """
 
     async def apply(self, change: Change) -> bool:

@@ -373,7 +373,7 @@ class _Writer:
                     params.append(1)
                     params += op.values
                     op.result = op.row
-                    history.append(op.history())
+                    op.history(history)
                 params += _zeros((rows - len(part)) * (1 + len(_COLUMNS)))
                 conn.execute(_INSERTS(rows), params)
         if self.groups:
@@ -433,6 +433,8 @@ class _Op:
     bumps = True
     #: whether the caller waits for the commit (False: progress, which may ride along)
     awaited = True
+    #: whether the caller is woken before the others of the batch (see GroupCommit)
+    first = False
 
     def __init__(self) -> None:
         self.result: Any = None
@@ -458,12 +460,16 @@ class _Insert(_Op):
         values[_STATUS_INDEX] = row.status.value
         self.values = values
 
-    def history(self) -> tuple[Any, ...]:
+    def history(self, lines: list[tuple[Any, ...]]) -> None:
         row = self.row
-        return (
+        if row.status is TaskStatus.RUNNING and row.version == 1:  # claimed as submitted
+            lines.append((row.id, 0, None, "pending", 0, row.created_at, row.owner, None))
+            lines.append((row.id, 1, "pending", "running", 1, row.started_at, row.owner, None))
+            return
+        lines.append((
             row.id, row.version, None, self.values[_STATUS_INDEX], row.attempts,
             row.created_at, row.owner, row.error_json,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def add(self, w: _Writer) -> None:
         if self.row.key is None and not w.alone(self.row.id):
@@ -479,12 +485,13 @@ class _Insert(_Op):
             if live:
                 return _to_row(live[0])
         w.conn.execute(_INSERT, (*self.values, w.rev, w.owner))
-        w.history.append(self.history())
+        self.history(w.history)
         return row
 
 
 class _Apply(_Op):
     __slots__ = ("change", "shape", "values")
+    first = True
 
     def __init__(self, change: Change, shape: _Shape) -> None:
         super().__init__()
@@ -665,6 +672,8 @@ class SQLiteJournal:
     """
 
     lease_timeout: float
+    #: ``insert`` takes rows claimed as they are submitted (see ``Journal.insert``)
+    claims_on_insert: Final = True
 
     def __init__(
         self,

@@ -1,0 +1,173 @@
+"""A journaled submit that finds a worker idle claims its task in the same write.
+
+What must not change with it: a task that cannot start now (no idle worker, its queue at
+its limit, a delay) is stored PENDING; a cancel right after submit still means the
+function never runs; shutdown leaves a claimed but unstarted task PENDING for the next
+start; a submitter cancelled while its write is in flight still gets its task run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from background_tasks import BackgroundTaskManager, SQLiteJournal, TaskCancelled, TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+P, R, C = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED
+
+
+def _manager(path: Path, **kw: object) -> BackgroundTaskManager:
+    kw.setdefault("max_concurrency", 2)
+    return BackgroundTaskManager(journal=SQLiteJournal(path), **kw)  # type: ignore[arg-type]
+
+
+async def test_a_submit_with_an_idle_worker_is_claimed_in_its_own_write(tmp_path: Path) -> None:
+    manager = _manager(tmp_path / "tasks.db")
+    journal = manager.journal
+    assert isinstance(journal, SQLiteJournal)
+    go = anyio.Event()
+
+    @manager.task(name="wait")
+    async def wait() -> str:
+        await go.wait()
+        return "done"
+
+    async with manager:
+        before = journal.commits
+        handle = await wait.submit()
+        assert journal.commits == before + 1  # accepted and claimed: one transaction
+        stored = await journal.get(handle.id)
+        assert stored is not None
+        assert (stored.status, stored.version, stored.attempts) == (R, 1, 1)
+        assert stored.owner == manager.owner
+        assert stored.lease_until is not None
+        assert stored.started_at == stored.created_at
+        lines = await manager.history(handle.id)
+        assert [(h.source, h.target, h.attempt) for h in lines] == [(None, P, 0), (P, R, 1)]
+        assert manager.statistics().running == 1
+        go.set()
+        with anyio.fail_after(10):
+            assert await handle == "done"
+        lines = await manager.history(handle.id)
+        assert [(h.source, h.target) for h in lines] == [(None, P), (P, R), (R, C)]
+        record = await manager.get(handle.id)
+        assert record is not None
+        assert (record.status, record.attempts) == (C, 1)
+
+
+async def test_what_cannot_start_now_is_stored_pending(tmp_path: Path) -> None:
+    manager = _manager(tmp_path / "tasks.db", max_concurrency=2, queues={"narrow": 1})
+    go = anyio.Event()
+
+    @manager.task(name="wait")
+    async def wait() -> None:
+        await go.wait()
+
+    async with manager:
+        first = await wait.options(queue="narrow").submit()
+        second = await wait.options(queue="narrow").submit()  # its queue is at its limit
+        later = await wait.options(delay=30).submit()  # not due yet
+        other = await wait.submit()  # another queue, a worker idle: claimed
+        statuses = [(await manager.get(h.id)).status for h in (first, second, later, other)]  # type: ignore[union-attr]
+        assert statuses == [R, P, P, R]
+        crowd = await wait.submit()  # every worker busy or reserved now
+        assert (await manager.get(crowd.id)).status is P  # type: ignore[union-attr]
+        await later.cancel()
+        go.set()
+        with anyio.fail_after(10):
+            for h in (first, second, other, crowd):
+                await h
+        stats = manager.statistics()
+        assert (stats.completed, stats.cancelled, stats.running) == (4, 1, 0)
+
+
+async def test_a_cancel_right_after_submit_never_runs_the_function(tmp_path: Path) -> None:
+    manager = _manager(tmp_path / "tasks.db")
+    ran: list[int] = []
+
+    @manager.task(name="work")
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    async with manager:
+        handle = await work.submit(1)
+        assert manager.statistics().running == 1  # claimed; its worker has not run yet
+        assert await handle.cancel() is True
+        with pytest.raises(TaskCancelled):
+            await handle
+        lines = await manager.history(handle.id)
+        await (await work.submit(2))
+    assert ran == [2]
+    assert [(h.source, h.target) for h in lines] == [(None, P), (P, R), (R, TaskStatus.CANCELLED)]
+
+
+async def test_shutdown_leaves_a_claimed_unstarted_task_pending_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    ran: list[str] = []
+
+    def make() -> BackgroundTaskManager:
+        manager = _manager(path)
+
+        @manager.task(name="work")
+        async def work() -> str:
+            ran.append(manager.owner)
+            return "done"
+
+        return manager
+
+    first = make()
+    async with first:
+        handle = await first.submit("work")
+        assert first.statistics().running == 1  # claimed, and its worker has not run yet
+        # leaving now, with no checkpoint between: the task must not be lost
+    assert ran == []
+    second = make()
+    async with second:
+        record = await second.get(handle.id)
+        assert record is not None
+        assert record.status in (P, R, C)
+        with anyio.fail_after(10):
+            assert await second.handle(handle.id) == "done"
+        lines = await second.history(handle.id)
+    assert [(h.source, h.target) for h in lines] == [(None, P), (P, R), (R, P), (P, R), (R, C)]
+    assert ran == [second.owner]
+
+
+async def test_a_submitter_cancelled_during_its_write_still_gets_its_task_run(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    manager = _manager(tmp_path / "tasks.db", max_concurrency=4)
+    ran: list[str] = []
+    both_ran = anyio.Event()
+
+    @manager.task(name="work")
+    async def work(label: str) -> str:
+        ran.append(label)
+        if len(ran) == 2:
+            both_ran.set()
+        return label
+
+    async with manager:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(work.submit, "leader")  # opens the batch and leads it
+                await anyio.lowlevel.checkpoint()
+                with anyio.CancelScope() as scope:
+                    scope.cancel()
+                    await work.submit("cancelled submitter")
+            if anyio_backend == "asyncio":  # it waited on the leader's batch: cancelled there
+                assert scope.cancelled_caught
+            await both_ran.wait()
+            # every worker is still there: as many tasks as workers run at once
+            many = [await work.submit(f"n{i}") for i in range(8)]
+            assert [await h for h in many] == [f"n{i}" for i in range(8)]
+        records = await manager.list(name="work", limit=20)
+    assert sorted(ran[:2]) == ["cancelled submitter", "leader"]
+    assert {r.status for r in records} == {C}
+    assert len(records) == 10
