@@ -532,18 +532,24 @@ class BackgroundTaskManager:
         try:
             stored = await journal.insert(row)
         except BaseException as exc:
-            self._queue.release(task.queue)
-            worker.set()  # it looks for work again (and sees a shutdown, if one began)
+            self._unreserve(task, worker)
             if not isinstance(exc, Exception) and self._tg is not None:  # cancelled
                 self._tg.start_soon(self._adopt, task)
             raise
         if stored.id != task.id:  # an unfinished task with this key exists elsewhere
-            self._queue.release(task.queue)
-            worker.set()
+            self._unreserve(task, worker)
             return TaskHandle(self, stored.id, self._tasks.get(stored.id))
         self._take_claimed(task)
         worker.set()
         return TaskHandle(self, task.id, task)
+
+    def _unreserve(self, task: Task, worker: anyio.Event) -> None:
+        """Give back what ``_submit_claimed`` reserved for a task it did not store."""
+        self._queue.release(task.queue)
+        if self._closing:
+            worker.set()  # shutdown already woke the idle ones: this one must see it too
+        else:
+            self._idle.append(worker)  # still waiting on this event: idle as it was
 
     def _take_claimed(self, task: Task) -> None:
         """Register a task stored as claimed by this manager and queue it for a worker."""

@@ -33,9 +33,15 @@ def check_retry(value: Any, what: str) -> RetryPolicy | None:
     return value
 
 
+#: Priorities are 64-bit signed integers: what a journal column holds.
+_PRIORITY_RANGE = range(-(2**63), 2**63)
+
+
 def check_priority(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"priority must be an int, got {value!r}")
+    if value not in _PRIORITY_RANGE:
+        raise ValueError(f"priority must be a 64-bit signed integer, got {value!r}")
     return value
 
 

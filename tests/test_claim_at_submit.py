@@ -8,12 +8,19 @@ start; a submitter cancelled while its write is in flight still gets its task ru
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import anyio
 import pytest
 
-from background_tasks import BackgroundTaskManager, SQLiteJournal, TaskCancelled, TaskStatus
+from background_tasks import (
+    BackgroundTaskManager,
+    JournalError,
+    SQLiteJournal,
+    TaskCancelled,
+    TaskStatus,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -171,3 +178,86 @@ async def test_a_submitter_cancelled_during_its_write_still_gets_its_task_run(
     assert sorted(ran[:2]) == ["cancelled submitter", "leader"]
     assert {r.status for r in records} == {C}
     assert len(records) == 10
+
+
+async def test_a_failed_claiming_write_gives_the_worker_back(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    manager = BackgroundTaskManager(
+        journal=SQLiteJournal(path, busy_timeout=0.2), max_concurrency=1, queues={"q": 1}
+    )
+
+    @manager.task(name="work")
+    async def work(n: int) -> int:
+        return n
+
+    async with manager:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(JournalError, match="locked"):
+                await work.options(queue="q").submit(1)
+            assert manager.statistics().running == 0
+        finally:
+            blocker.close()
+        # the one worker and the one slot of "q" are free again: this is claimed and runs
+        handle = await work.options(queue="q").submit(2)
+        assert manager.statistics().running == 1
+        with anyio.fail_after(10):
+            assert await handle == 2
+        assert [r.args for r in await manager.list()] == [(2,)]  # nothing else stored
+
+
+async def test_a_key_held_in_another_process_is_not_claimed_here(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    holder, other = _manager(path, max_concurrency=1), _manager(path, max_concurrency=1)
+    go = anyio.Event()
+
+    @holder.task(name="wait")
+    async def wait() -> str:
+        await go.wait()
+        return "held"
+
+    @other.task(name="wait")
+    async def wait_other() -> str:
+        raise AssertionError("the key's task ran twice")
+
+    @other.task(name="quick")
+    async def quick() -> str:
+        return "quick"
+
+    async with holder, other:
+        first = await wait.options(key="k").submit()
+        again = await wait_other.options(key="k").submit()
+        assert again.id == first.id  # the live task with that key, not a new one
+        assert other.statistics().running == 0
+        with anyio.fail_after(10):
+            assert await (await quick.submit()) == "quick"  # its one worker is free
+            go.set()
+            assert await first == "held"
+            assert await again == "held"
+
+
+async def test_a_cancel_during_shutdown_of_a_claimed_unstarted_task_sticks(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    manager = _manager(path)
+    ran: list[int] = []
+
+    @manager.task(name="work")
+    async def work() -> None:
+        ran.append(1)
+
+    async with anyio.create_task_group() as tg:
+        await manager.__aenter__()
+        handle = await work.submit()
+        tg.start_soon(handle.cancel)  # asks first, then waits for the outcome
+        await manager.aclose()  # the handed-over worker leaves without running it
+    record = await _manager(path).__aenter__()
+    assert ran == []
+    try:
+        found = await record.get(handle.id)
+        assert found is not None
+        assert found.status is TaskStatus.CANCELLED
+    finally:
+        await record.aclose()

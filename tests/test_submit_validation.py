@@ -125,6 +125,8 @@ BAD_SUBMITS: list[tuple[str, dict[str, Any], type[Exception]]] = [
     ("priority str", {"priority": "high"}, TypeError),
     ("priority float", {"priority": 1.5}, TypeError),
     ("priority bool", {"priority": True}, TypeError),
+    ("priority past 64 bits", {"priority": 2**63}, ValueError),
+    ("priority below 64 bits", {"priority": -(2**63) - 1}, ValueError),
     ("negative delay", {"delay": -1}, ValueError),
     ("infinite delay", {"delay": math.inf}, ValueError),
     ("delay str", {"delay": "5"}, TypeError),
