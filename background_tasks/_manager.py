@@ -307,7 +307,7 @@ class BackgroundTaskManager:
                     self._queue.release(task.queue)
                     if task.status is RUNNING and not task.remote:
                         if task.cancel_requested:
-                            await self._apply(task, CANCELLED)
+                            await self._finish(task, CANCELLED)
                         else:
                             await self._interrupt(task)
                 await self._drop_waiting()
@@ -500,12 +500,7 @@ class BackgroundTaskManager:
                 return TaskHandle(self, stored.id, self._tasks.get(stored.id))
             if self._state != "running" or not self.run_tasks:  # on disk; run elsewhere/later
                 return TaskHandle(self, task.id, None)
-        self._tasks[task.id] = task
-        counts[PENDING] += 1
-        if key is not None:
-            self._keys[key] = task
-        if is_enabled(DEBUG):
-            log.debug("task_submitted", task_id=task.id, name=task.name, queue=queue, attempt=0)
+        self._register(task)
         if wait > 0:
             self._enqueue(task, task.scheduled_at)
         else:
@@ -551,8 +546,8 @@ class BackgroundTaskManager:
         else:
             self._idle.append(worker)  # still waiting on this event: idle as it was
 
-    def _take_claimed(self, task: Task) -> None:
-        """Register a task stored as claimed by this manager and queue it for a worker."""
+    def _register(self, task: Task) -> None:
+        """A new PENDING task, accepted (and stored, with a journal)."""
         self._tasks[task.id] = task
         self._counts[PENDING] += 1
         if task.key is not None:
@@ -561,6 +556,10 @@ class BackgroundTaskManager:
             log.debug(
                 "task_submitted", task_id=task.id, name=task.name, queue=task.queue, attempt=0
             )
+
+    def _take_claimed(self, task: Task) -> None:
+        """Register a task stored as claimed by this manager and queue it for a worker."""
+        self._register(task)
         task.version = 1
         self._commit(task, RUNNING, task.created_at)
         self._running_tasks.add(task)
