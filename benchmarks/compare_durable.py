@@ -14,7 +14,8 @@ Side by side in ONE process, alternating contenders round by round (median of ro
 
 The manager workload: 50 concurrent submitters each ``await noop.submit()`` their share
 (a durable acknowledgement per submit), then every handle is awaited; concurrency 100; a
-registered no-op task, so three journaled writes per task (PENDING, RUNNING, COMPLETED).
+registered no-op task, so three journaled transitions per task (PENDING, RUNNING,
+COMPLETED); a submit that finds a worker idle stores the first two in one row write.
 
 Also: durable submit latency (one submitter, idle manager; time until ``submit``
 returns), the time to recover 100,000 pending tasks on start (written by a manager whose
