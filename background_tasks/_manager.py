@@ -29,6 +29,7 @@ from ._errors import (
     InvalidTransition,
     ManagerNotRunning,
     QueueFull,
+    SerializationError,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -822,6 +823,36 @@ class BackgroundTaskManager:
                 await self._apply(task, CANCELLED)
             else:
                 self._enqueue(task, task.scheduled_at)
+
+    async def _complete_soon(self, task: Task, result: Any) -> bool:
+        """RUNNING -> COMPLETED without waiting for the commit, where the journal can
+        (``apply_soon``): the worker is free at once, and the task is settled in memory
+        when its batch commits, before anyone of that batch wakes, so a task claimed in
+        the same batch never overlaps it. False: take the waiting path (the result does
+        not serialise, or the journal cannot)."""
+        apply_soon = getattr(self.journal, "apply_soon", None)
+        if apply_soon is None:
+            return False
+        now = time.time()
+        try:
+            change = _durable.change(self, task, COMPLETED, now, result, None, 0.0)
+        except SerializationError:
+            return False
+        self._running_tasks.discard(task)
+        task.busy = True
+
+        def settled(applied: bool, error: BaseException | None) -> None:
+            task.busy = False
+            if error is not None:
+                log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
+            elif not applied:
+                self._lose(task)
+            elif task.status is RUNNING:
+                task.version = change.version + 1
+                self._commit(task, COMPLETED, now, result)
+
+        await apply_soon(change, settled)
+        return True
 
     async def _interrupt(self, task: Task) -> None:
         """An attempt cut short by shutdown: back to PENDING (journal) or CANCELLED (memory)."""

@@ -271,6 +271,8 @@ class _Op:
     awaited = True
     #: whether the caller is woken before the others of the batch (see GroupCommit)
     first = False
+    #: what to call once the batch ended, for a caller that does not wait
+    settle: Callable[[Any], None] | None = None
     #: lock order inside a batch: inserts (0), single rows by id (1), many rows (2)
     rank = 2
 

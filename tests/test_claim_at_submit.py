@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -266,3 +267,50 @@ async def test_a_cancel_during_shutdown_of_a_claimed_unstarted_task_sticks(
         assert found.status is TaskStatus.CANCELLED
     finally:
         await record.aclose()
+
+
+async def test_workers_that_move_on_before_their_completion_commits_keep_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A worker is free as soon as its completion is queued for the journal; the task
+    turns COMPLETED in memory when that write commits. At no point may more than
+    max_concurrency tasks be RUNNING, in memory or on disk."""
+    path = tmp_path / "tasks.db"
+    manager = _manager(path, max_concurrency=3)
+    seen: list[int] = []
+    stop = anyio.Event()
+
+    @manager.task(name="work")
+    async def work(n: int) -> int:
+        return n
+
+    async def sample() -> None:
+        while not stop.is_set():
+            seen.append(manager.statistics().running)
+            await anyio.lowlevel.checkpoint()
+
+    async with manager:
+        handles: list[Any] = []
+
+        async def submitter(start: int) -> None:
+            for n in range(start, start + 40):
+                handles.append(await work.submit(n))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sample)
+            async with anyio.create_task_group() as submitters:
+                for i in range(10):
+                    submitters.start_soon(submitter, i * 40)
+            with anyio.fail_after(30):
+                assert sorted([await h for h in handles]) == list(range(400))
+            stop.set()
+        assert manager.statistics().completed == 400
+    assert max(seen) <= 3
+    assert len(seen) > 100
+    with sqlite3.connect(path) as db:
+        lines = db.execute(
+            "SELECT target, count(*), count(DISTINCT task_id) FROM history"
+            " GROUP BY target ORDER BY target"
+        ).fetchall()
+    # each task: submitted, claimed once (at submit or by a worker), completed once
+    assert lines == [("completed", 400, 400), ("pending", 400, 400), ("running", 400, 400)]

@@ -541,3 +541,71 @@ async def test_counts_by_queue_finished_since_and_oldest(journal: SQLiteJournal)
     assert await journal.oldest(P) == first
     assert await journal.oldest(C) == early
     assert await journal.oldest(R) is None
+
+
+async def test_apply_soon_settles_before_the_batch_wakes_its_waiters(
+    journal: SQLiteJournal,
+) -> None:
+    """``apply_soon``: the caller does not wait; its outcome is settled on the event loop
+    once the batch committed, before any caller waiting on that batch resumes."""
+    rows = [await applied(journal, claim(await journal.insert(make_row()))) for _ in range(3)]
+    settled: list[tuple[str, bool, BaseException | None]] = []
+    order: list[str] = []
+
+    def settle(label: str) -> Callable[[bool, BaseException | None], None]:
+        return lambda ok, error: settled.append((label, ok, error)) or order.append(label)
+
+    async def waiter() -> None:
+        await journal.insert(make_row())  # a caller that waits on the same batch
+        order.append("waiter")
+
+    blocker = sqlite3.connect(journal.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the batch before ours in its thread
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.insert, make_row())  # that earlier batch, stuck
+            await anyio.sleep(0.05)
+            tg.start_soon(waiter)  # leads the next batch, which waits for the earlier one
+            await anyio.sleep(0.05)
+            await journal.apply_soon(finish(rows[0], result_json="1"), settle("good"))
+            stale = dataclasses.replace(rows[1], version=0)  # another writer moved it on
+            await journal.apply_soon(finish(stale, result_json="2"), settle("stale"))
+            assert settled == []  # neither call waited for the commit
+            blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    assert settled == [("good", True, None), ("stale", False, None)]
+    assert order.index("good") < order.index("waiter")
+    done = await journal.get(rows[0].id)
+    assert done is not None
+    assert (done.status, done.result_json) == (TaskStatus.COMPLETED, "1")
+    untouched = await journal.get(rows[1].id)
+    assert untouched is not None
+    assert untouched.status is TaskStatus.RUNNING
+
+    # a call that finds no open batch leads one itself, and is settled all the same
+    await journal.apply_soon(finish(rows[2]), settle("alone"))
+    assert settled[-1] == ("alone", True, None)
+
+
+async def test_apply_soon_reports_a_failed_batch_to_settle(tmp_path: Path) -> None:
+    journal = SQLiteJournal(tmp_path / "j.db", busy_timeout=0.2)
+    await journal.open(OWNER)
+    try:
+        row = await applied(journal, claim(await journal.insert(make_row())))
+        outcome: list[tuple[bool, BaseException | None]] = []
+        blocker = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            await journal.apply_soon(finish(row), lambda ok, error: outcome.append((ok, error)))
+        finally:
+            blocker.close()
+        [(ok, error)] = outcome
+        assert ok is False
+        assert isinstance(error, JournalError)
+        assert "locked" in str(error)
+        still = await journal.get(row.id)
+        assert still is not None
+        assert still.status is TaskStatus.RUNNING  # nothing of the batch was stored
+    finally:
+        await journal.close()

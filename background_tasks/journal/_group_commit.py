@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
+from .._events import log
+
 __all__ = ["GroupCommit", "Operation"]
 
 
@@ -28,6 +30,7 @@ class Operation(Protocol):
     error: BaseException | None
     awaited: bool  # False: the caller does not wait for the commit (progress rides along)
     first: bool  # True: its caller is woken before the others of its batch
+    settle: Callable[[Any], None] | None  # called with the operation once its batch ended
 
 
 class _Batch:
@@ -85,6 +88,12 @@ class GroupCommit:
                 await anyio.to_thread.run_sync(self.write_batch, batch.ops)
             finally:
                 batch.closed = True
+                for op in batch.ops:  # outcomes nobody waits for, before anyone wakes
+                    if op.settle is not None:
+                        try:
+                            op.settle(op)
+                        except Exception:  # a bug there must not strand the batch's waiters
+                            log.exception("journal_settle_failed")
                 batch.done_first.set()
                 batch.done.set()
 

@@ -100,6 +100,11 @@ class Journal(Protocol):
 
         False when the condition did not hold (someone else claimed, cancelled or
         reclaimed the task). Durable before it returns.
+
+        A journal may also offer ``apply_soon(change, settle)``: the same write without
+        waiting for it, ``settle(applied, error)`` called on the event loop once it is
+        committed (or failed), before any caller waiting on the same commit resumes. A
+        worker then records a completion and is free at once (``_complete_soon``).
         """
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:

@@ -435,6 +435,8 @@ class _Op:
     awaited = True
     #: whether the caller is woken before the others of the batch (see GroupCommit)
     first = False
+    #: what to call once the batch ended, for a caller that does not wait (``apply_soon``)
+    settle: Callable[[Any], None] | None = None
 
     def __init__(self) -> None:
         self.result: Any = None
@@ -533,6 +535,18 @@ class _Apply(_Op):
         if applied:
             w.history.append(self.history())
         return applied
+
+
+class _ApplySoon(_Apply):
+    """An ``_Apply`` whose caller does not wait: ``settle(op)`` gets the outcome."""
+
+    __slots__ = ("settle",)
+    awaited = False
+    first = False
+
+    def __init__(self, change: Change, shape: _Shape, settle: Callable[[Any], None]) -> None:
+        super().__init__(change, shape)
+        self.settle = settle
 
 
 class _RequestCancel(_Op):
@@ -997,13 +1011,27 @@ class SQLiteJournal:
         result: TaskRow = await self._write(_Insert(row))
         return result
 
-    async def apply(self, change: Change) -> bool:
+    def _shape(self, change: Change) -> _Shape:
         key = (tuple(change.fields), change.source, change.target)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(*key)
-        result: bool = await self._write(_Apply(change, shape))
+        return shape
+
+    async def apply(self, change: Change) -> bool:
+        result: bool = await self._write(_Apply(change, self._shape(change)))
         return result
+
+    async def apply_soon(
+        self, change: Change, settle: Callable[[bool, BaseException | None], None]
+    ) -> None:
+        """``apply`` without waiting for the commit (unless this call leads the batch):
+        ``settle(applied, error)`` runs on the event loop once the batch ended, before
+        the batch's waiters wake."""
+        op = _ApplySoon(change, self._shape(change), lambda op: settle(bool(op.result), op.error))
+        self._require_open()
+        with contextlib.suppress(Exception):  # it led the batch: settle has the outcome
+            await self._commits.write(op)
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:
         result: TaskRow | None = await self._write(_RequestCancel(task_id))
