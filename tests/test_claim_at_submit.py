@@ -153,37 +153,45 @@ async def test_shutdown_leaves_a_claimed_unstarted_task_pending_for_the_next_sta
 
 
 async def test_a_submitter_cancelled_during_its_write_still_gets_its_task_run(
-    tmp_path: Path, anyio_backend: str
+    tmp_path: Path,
 ) -> None:
-    manager = _manager(tmp_path / "tasks.db", max_concurrency=4)
+    path = tmp_path / "tasks.db"
+    manager = _manager(path, max_concurrency=4)
     ran: list[str] = []
-    both_ran = anyio.Event()
+    three_ran = anyio.Event()
 
     @manager.task(name="work")
     async def work(label: str) -> str:
         ran.append(label)
-        if len(ran) == 2:
-            both_ran.set()
+        if len(ran) == 3:
+            three_ran.set()
         return label
 
     async with manager:
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(work.submit, "leader")  # opens the batch and leads it
-                await anyio.lowlevel.checkpoint()
-                with anyio.CancelScope() as scope:
-                    scope.cancel()
-                    await work.submit("cancelled submitter")
-            if anyio_backend == "asyncio":  # it waited on the leader's batch: cancelled there
-                assert scope.cancelled_caught
-            await both_ran.wait()
-            # every worker is still there: as many tasks as workers run at once
-            many = [await work.submit(f"n{i}") for i in range(8)]
-            assert [await h for h in many] == [f"n{i}" for i in range(8)]
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            with anyio.fail_after(10):
+                blocker.execute("BEGIN IMMEDIATE")  # holds the first batch in its thread
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(work.submit, "first")  # its batch: stuck on the lock
+                    await anyio.sleep(0.05)
+                    tg.start_soon(work.submit, "second")  # leads the next batch, waiting
+                    await anyio.sleep(0.05)
+                    with anyio.CancelScope() as scope:  # joins that batch, then is cancelled
+                        scope.cancel()
+                        await work.submit("cancelled submitter")
+                    assert scope.cancelled_caught
+                    blocker.execute("ROLLBACK")
+                await three_ran.wait()  # the cancelled submitter's task ran all the same
+                # and every worker is still there: as many tasks as workers run at once
+                many = [await work.submit(f"n{i}") for i in range(8)]
+                assert [await h for h in many] == [f"n{i}" for i in range(8)]
+        finally:
+            blocker.close()
         records = await manager.list(name="work", limit=20)
-    assert sorted(ran[:2]) == ["cancelled submitter", "leader"]
+    assert sorted(ran[:3]) == ["cancelled submitter", "first", "second"]
     assert {r.status for r in records} == {C}
-    assert len(records) == 10
+    assert len(records) == 11
 
 
 async def test_a_failed_claiming_write_gives_the_worker_back(tmp_path: Path) -> None:
