@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import BackgroundTasksError, InvalidTransition, TaskNotFound
-from ._events import DEBUG, is_enabled, log
+from ._events import DEBUG, is_enabled, log, transition
 from ._models import ErrorInfo, Progress, TaskRecord, dumps, loads, utc
 from ._retry import RetryPolicy
 from ._states import TaskStatus, check_transition
@@ -284,14 +284,7 @@ def apply_row(
     """The change for a task known only by its row (checked against the table)."""
     check_transition(row.status, target)
     if is_enabled(DEBUG):
-        log.debug(
-            "task_transition",
-            task_id=row.id,
-            name=row.name,
-            queue=row.queue,
-            attempt=row.attempts,
-            **{"from": row.status.value, "to": target.value},
-        )
+        transition(row, row.status, target, None)
     return Change(
         row.id, row.version, row.status, target, row.attempts, time.time(), journal_owner, fields
     )

@@ -7,11 +7,15 @@ application set up, and cost one level check when nobody listens.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-__all__ = ["DEBUG", "WARNING", "is_enabled", "log"]
+if TYPE_CHECKING:
+    from ._models import ErrorInfo
+    from ._states import TaskStatus
+
+__all__ = ["DEBUG", "WARNING", "is_enabled", "log", "transition"]
 
 _stdlib = logging.getLogger("background_tasks")
 _stdlib.addHandler(logging.NullHandler())  # a library stays silent unless the app routes it
@@ -22,3 +26,37 @@ log: Any = structlog.wrap_logger(_stdlib, wrapper_class=structlog.stdlib.BoundLo
 DEBUG, WARNING = logging.DEBUG, logging.WARNING
 #: ``is_enabled(DEBUG)``: logging caches the answer, so a silent event costs one call.
 is_enabled = _stdlib.isEnabledFor
+
+
+class _Subject(Protocol):
+    """What a transition event names: a task in memory or a journal row."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+def transition(
+    task: _Subject, source: TaskStatus, target: TaskStatus, info: ErrorInfo | None
+) -> None:
+    """The one structlog event of a transition (failures at WARNING, with their error)."""
+    fields = {"from": source.value, "to": target.value}
+    if info is None:
+        log.debug(
+            "task_transition",
+            task_id=task.id,
+            name=task.name,
+            queue=task.queue,
+            attempt=task.attempts,
+            **fields,
+        )
+    else:
+        log.warning(
+            "task_transition", task_id=task.id, name=task.name, queue=task.queue,
+            attempt=task.attempts, error=info.message, error_type=info.type, **fields,
+        )  # fmt: skip

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,7 +34,7 @@ from ._errors import (
     TaskFailed,
     TaskNotFound,
 )
-from ._events import DEBUG, WARNING, is_enabled, log
+from ._events import DEBUG, WARNING, is_enabled, log, transition
 from ._handle import TaskHandle
 from ._ids import new_id
 from ._models import ErrorInfo, TaskRecord, TransitionRecord, dumps
@@ -45,7 +45,7 @@ from ._states import TRANSITIONS, TaskStatus, check_transition
 from ._task import Task
 from ._validate import check_delay, check_priority, check_retry, check_timeout
 from ._worker import worker_loop
-from .journal._protocol import Journal, TaskRow
+from .journal._protocol import Change, Journal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
 
@@ -172,6 +172,9 @@ class BackgroundTaskManager:
         self._running_tasks: set[Task] = set()
         self._claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
         self._claims_on_insert = bool(getattr(journal, "claims_on_insert", False))
+        self._apply_soon: Callable[..., Awaitable[None]] | None = getattr(
+            journal, "apply_soon", None
+        )  # optional on a journal (Journal.apply): completions that do not wait
         self._remote_waiters: dict[str, anyio.Event] = {}
         self._state = "new"  # new -> running -> closing -> closed (-> running again)
         self._closing = False
@@ -830,7 +833,7 @@ class BackgroundTaskManager:
         when its batch commits, before anyone of that batch wakes, so a task claimed in
         the same batch never overlaps it. False: take the waiting path (the result does
         not serialise, or the journal cannot)."""
-        apply_soon = getattr(self.journal, "apply_soon", None)
+        apply_soon = self._apply_soon
         if apply_soon is None:
             return False
         now = time.time()
@@ -845,10 +848,7 @@ class BackgroundTaskManager:
             task.busy = False
             if error is not None:
                 log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
-            elif not applied:
-                self._lose(task)
-            elif task.status is RUNNING:
-                task.version = change.version + 1
+            elif self._written(task, change, applied) and task.status is RUNNING:
                 self._commit(task, COMPLETED, now, result)
 
         await apply_soon(change, settled)
@@ -893,11 +893,18 @@ class BackgroundTaskManager:
                 applied = await journal.apply(change)
             finally:
                 task.busy = False
-            if not applied:
-                self._lose(task)
+            if not self._written(task, change, applied):
                 return False
-            task.version = change.version + 1
         self._commit(task, target, now, result, error, retry_at, info)
+        return True
+
+    def _written(self, task: Task, change: Change, applied: bool) -> bool:
+        """After a journal write of ``change``: the task's new version, or, if another
+        manager got there first, the task is theirs (dropped here). False then."""
+        if not applied:
+            self._lose(task)
+            return False
+        task.version = change.version + 1
         return True
 
     def _commit(
@@ -952,9 +959,9 @@ class BackgroundTaskManager:
             task.waiters = None
         if target is FAILED or target is RETRYING:
             if is_enabled(WARNING):
-                _event(task, source, target, info)
+                transition(task, source, target, info)
         elif is_enabled(DEBUG):
-            _event(task, source, target, None)
+            transition(task, source, target, None)
 
     def _start(self, task: Task) -> None:
         """``_commit(task, RUNNING)`` for the in-memory worker: the same writes, fewer
@@ -971,7 +978,7 @@ class BackgroundTaskManager:
         if task.started_at is None:
             task.started_at = time.time()
         if is_enabled(DEBUG):
-            _event(task, source, RUNNING, None)
+            transition(task, source, RUNNING, None)
 
     def _complete(self, task: Task, result: Any) -> None:
         """``_commit(task, COMPLETED, result=...)`` for the in-memory worker."""
@@ -988,7 +995,7 @@ class BackgroundTaskManager:
             task.waiters.set()
             task.waiters = None
         if is_enabled(DEBUG):
-            _event(task, RUNNING, COMPLETED, None)
+            transition(task, RUNNING, COMPLETED, None)
 
     def _settle(self, task: Task) -> None:
         """Bookkeeping for a task that just finished: keys, waiters by id, retention."""
@@ -1032,25 +1039,6 @@ class BackgroundTaskManager:
             fraction, message, at = task.progress
             text = dumps({"fraction": fraction, "message": message, "updated_at": at}, "progress")
             await self.journal.set_progress(task.id, self.owner, task.version, text)
-
-
-def _event(task: Task, source: TaskStatus, target: TaskStatus, info: ErrorInfo | None) -> None:
-    """The one structlog event of a transition (failures at WARNING, with their error)."""
-    fields = {"from": source.value, "to": target.value}
-    if info is None:
-        log.debug(
-            "task_transition",
-            task_id=task.id,
-            name=task.name,
-            queue=task.queue,
-            attempt=task.attempts,
-            **fields,
-        )
-    else:
-        log.warning(
-            "task_transition", task_id=task.id, name=task.name, queue=task.queue,
-            attempt=task.attempts, error=info.message, error_type=info.type, **fields,
-        )  # fmt: skip
 
 
 def _result_of(

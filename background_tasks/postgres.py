@@ -87,7 +87,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ._errors import InvalidTransition, JournalError
 from ._models import ErrorInfo, TransitionRecord
 from ._states import TaskStatus
-from .journal._group_commit import GroupCommit
+from .journal._group_commit import GroupCommit, purge_in_steps
 from .journal._protocol import Change, TaskRow
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresJournal"]
@@ -1013,14 +1013,7 @@ class PostgresJournal:
         return result
 
     async def purge(self, older_than: float, batch: int = 1000) -> int:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, not {batch!r}")
-        total = 0
-        while True:
-            n: int = await self._write(_PurgeStep(older_than, batch))
-            total += n
-            if n < batch:
-                return total
+        return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
 
     # ------------------------------------------------------------------ reading
 

@@ -12,7 +12,7 @@ worker is idle again when the submitters of the same batch look for one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from .._events import log
 
-__all__ = ["GroupCommit", "Operation"]
+__all__ = ["GroupCommit", "Operation", "purge_in_steps"]
 
 
 class Operation(Protocol):
@@ -106,3 +106,16 @@ class GroupCommit:
 
     def reset(self) -> None:
         self._open = self._newest = None
+
+
+async def purge_in_steps(step: Callable[[], Awaitable[int]], batch: int) -> int:
+    """Run ``step`` (one transaction deleting at most ``batch`` finished tasks) until it
+    deletes fewer: a purge never holds the write lock for long. Returns the total."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, not {batch!r}")
+    total = 0
+    while True:
+        n = await step()
+        total += n
+        if n < batch:
+            return total

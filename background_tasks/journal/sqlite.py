@@ -55,7 +55,7 @@ import anyio.to_thread
 from .._errors import InvalidTransition, JournalError
 from .._models import ErrorInfo, TransitionRecord
 from .._states import TaskStatus
-from ._group_commit import GroupCommit
+from ._group_commit import GroupCommit, purge_in_steps
 from ._protocol import Change, TaskRow
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal"]
@@ -1050,14 +1050,7 @@ class SQLiteJournal:
         return result
 
     async def purge(self, older_than: float, batch: int = 1000) -> int:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, not {batch!r}")
-        total = 0
-        while True:
-            n: int = await self._write(_PurgeStep(older_than, batch))
-            total += n
-            if n < batch:
-                return total
+        return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
 
     # ------------------------------------------------------------------ reading
 
