@@ -26,7 +26,8 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -36,7 +37,9 @@ from ._errors import InvalidTransition
 from ._states import TaskStatus
 from .journal._protocol import Change, Journal, TaskRow
 
-__all__ = ["OWNER", "PEER", "JournalContract", "applied", "claim", "finish", "make_row"]
+__all__ = [
+    "OWNER", "PEER", "JournalContract", "applied", "claim", "finish", "make_row", "opened",
+]  # fmt: skip
 
 OWNER = "owner-a"
 PEER = "owner-b"
@@ -44,6 +47,19 @@ PEER = "owner-b"
 _ids = itertools.count()
 P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
+
+
+_J = TypeVar("_J", bound=Journal)
+
+
+@asynccontextmanager
+async def opened(journal: _J, owner: str = OWNER) -> AsyncIterator[_J]:
+    """``journal``, open as ``owner`` for the block, closed after it."""
+    await journal.open(owner)
+    try:
+        yield journal
+    finally:
+        await journal.close()
 
 
 def make_row(**overrides: Any) -> TaskRow:
@@ -123,23 +139,15 @@ class JournalContract:
     async def journal(
         self, journal_factory: Callable[[], Journal], anyio_backend: object
     ) -> AsyncIterator[Journal]:
-        journal = journal_factory()
-        await journal.open(OWNER)
-        try:
+        async with opened(journal_factory()) as journal:
             yield journal
-        finally:
-            await journal.close()
 
     @pytest.fixture
     async def peer(
         self, journal: Journal, journal_factory: Callable[[], Journal], anyio_backend: object
     ) -> AsyncIterator[Journal]:
-        peer = journal_factory()
-        await peer.open(PEER)
-        try:
+        async with opened(journal_factory(), PEER) as peer:
             yield peer
-        finally:
-            await peer.close()
 
     async def running(self, journal: Journal, owner: str = OWNER, **kw: Any) -> TaskRow:
         """Insert a row and claim it for ``owner``; returns the RUNNING row."""

@@ -38,6 +38,7 @@ from background_tasks.testing import (
     claim,
     finish,
     make_row,
+    opened,
 )
 
 pytestmark = pytest.mark.anyio
@@ -190,24 +191,16 @@ def factory(pg_dsn: str, schema: str) -> Callable[..., PostgresJournal]:
 async def journal(
     factory: Callable[..., PostgresJournal], anyio_backend: object
 ) -> AsyncIterator[PostgresJournal]:
-    journal = factory()
-    await journal.open(OWNER)
-    try:
+    async with opened(factory()) as journal:
         yield journal
-    finally:
-        await journal.close()
 
 
 @pytest.fixture
 async def peer(
     journal: PostgresJournal, factory: Callable[..., PostgresJournal]
 ) -> AsyncIterator[PostgresJournal]:
-    peer = factory()
-    await peer.open(PEER)
-    try:
+    async with opened(factory(), PEER) as peer:
         yield peer
-    finally:
-        await peer.close()
 
 
 class TestPostgresContract(JournalContract):

@@ -18,7 +18,15 @@ from background_tasks._states import TaskStatus
 from background_tasks.journal import sqlite as sqlite_module
 from background_tasks.journal._protocol import Change, TaskRow
 from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
-from background_tasks.testing import OWNER, JournalContract, applied, claim, finish, make_row
+from background_tasks.testing import (
+    OWNER,
+    JournalContract,
+    applied,
+    claim,
+    finish,
+    make_row,
+    opened,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -56,12 +64,8 @@ class TestSQLiteOneByOneContract(JournalContract):
 
 @pytest.fixture
 async def journal(tmp_path: Path, anyio_backend: object) -> AsyncIterator[SQLiteJournal]:
-    journal = SQLiteJournal(tmp_path / "tasks.db")
-    await journal.open(OWNER)
-    try:
+    async with opened(SQLiteJournal(tmp_path / "tasks.db")) as journal:
         yield journal
-    finally:
-        await journal.close()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
