@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from inspect import CO_COROUTINE
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
@@ -172,7 +173,7 @@ class BackgroundTaskManager:
         self._running_tasks: set[Task] = set()
         self._claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
         self._claims_on_insert = bool(getattr(journal, "claims_on_insert", False))
-        self._apply_soon: Callable[..., Awaitable[None]] | None = getattr(
+        self._apply_soon: Callable[..., Awaitable[None] | None] | None = getattr(
             journal, "apply_soon", None
         )  # optional on a journal (Journal.apply): completions that do not wait
         self._remote_waiters: dict[str, anyio.Event] = {}
@@ -827,12 +828,14 @@ class BackgroundTaskManager:
             else:
                 self._enqueue(task, task.scheduled_at)
 
-    async def _complete_soon(self, task: Task, result: Any) -> bool:
+    def _complete_soon(self, task: Task, result: Any) -> Awaitable[None] | bool:
         """RUNNING -> COMPLETED without waiting for the commit, where the journal can
         (``apply_soon``): the worker is free at once, and the task is settled in memory
         when its batch commits, before anyone of that batch wakes, so a task claimed in
         the same batch never overlaps it. False: take the waiting path (the result does
-        not serialise, or the journal cannot)."""
+        not serialise, or the journal cannot). An awaitable: the write leads the next
+        batch, await it. Not a coroutine, and no closure: a worker's every task goes
+        through here, and fewer objects in flight mean fewer garbage collections."""
         apply_soon = self._apply_soon
         if apply_soon is None:
             return False
@@ -843,16 +846,24 @@ class BackgroundTaskManager:
             return False
         self._running_tasks.discard(task)
         task.busy = True
+        lead = apply_soon(change, partial(self._completed_soon, task, change, now, result))
+        return True if lead is None else lead
 
-        def settled(applied: bool, error: BaseException | None) -> None:
-            task.busy = False
-            if error is not None:
-                log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
-            elif self._written(task, change, applied) and task.status is RUNNING:
-                self._commit(task, COMPLETED, now, result)
-
-        await apply_soon(change, settled)
-        return True
+    def _completed_soon(
+        self,
+        task: Task,
+        change: Change,
+        now: float,
+        result: Any,
+        applied: bool,
+        error: BaseException | None,
+    ) -> None:
+        """The commit of ``_complete_soon``'s write (or its failure)."""
+        task.busy = False
+        if error is not None:
+            log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
+        elif self._written(task, change, applied) and task.status is RUNNING:
+            self._commit(task, COMPLETED, now, result)
 
     async def _interrupt(self, task: Task) -> None:
         """An attempt cut short by shutdown: back to PENDING (journal) or CANCELLED (memory)."""

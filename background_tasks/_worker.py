@@ -120,13 +120,12 @@ async def _run_journaled(
         await manager._finish(task, CANCELLED)
         return
     ended, value = await run_attempt(task, manager, scope)
-    if (
-        ended is Ended.OK
-        and not task.cancel_requested
-        and not scope.cancel_called
-        and await manager._complete_soon(task, value)
-    ):
-        return
+    if ended is Ended.OK and not task.cancel_requested and not scope.cancel_called:
+        done = manager._complete_soon(task, value)
+        if done is not False:
+            if done is not True:
+                await done  # it leads the next batch
+            return
     # A computed outcome is never lost to a cancellation. Once the attempt is over, no
     # cancel, timeout or shutdown reaches this worker's scope (they go through task.scope,
     # cleared when the attempt ended), unless the task swallowed one: shield only then.

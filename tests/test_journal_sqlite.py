@@ -571,10 +571,11 @@ async def test_apply_soon_settles_before_the_batch_wakes_its_waiters(
             await anyio.sleep(0.05)
             tg.start_soon(waiter)  # leads the next batch, which waits for the earlier one
             await anyio.sleep(0.05)
-            await journal.apply_soon(finish(rows[0], result_json="1"), settle("good"))
+            # both join the waiter's open batch: no awaitable, nothing to wait for
+            assert journal.apply_soon(finish(rows[0], result_json="1"), settle("good")) is None
             stale = dataclasses.replace(rows[1], version=0)  # another writer moved it on
-            await journal.apply_soon(finish(stale, result_json="2"), settle("stale"))
-            assert settled == []  # neither call waited for the commit
+            assert journal.apply_soon(finish(stale, result_json="2"), settle("stale")) is None
+            assert settled == []
             blocker.execute("ROLLBACK")
     finally:
         blocker.close()
@@ -587,8 +588,11 @@ async def test_apply_soon_settles_before_the_batch_wakes_its_waiters(
     assert untouched is not None
     assert untouched.status is TaskStatus.RUNNING
 
-    # a call that finds no open batch leads one itself, and is settled all the same
-    await journal.apply_soon(finish(rows[2]), settle("alone"))
+    # a call that finds no open batch must lead one: it returns the awaitable that does
+    lead = journal.apply_soon(finish(rows[2]), settle("alone"))
+    assert lead is not None
+    assert settled[-1] != ("alone", True, None)
+    await lead
     assert settled[-1] == ("alone", True, None)
 
 
@@ -601,7 +605,9 @@ async def test_apply_soon_reports_a_failed_batch_to_settle(tmp_path: Path) -> No
         blocker = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
         try:
             blocker.execute("BEGIN IMMEDIATE")
-            await journal.apply_soon(finish(row), lambda ok, error: outcome.append((ok, error)))
+            lead = journal.apply_soon(finish(row), lambda ok, error: outcome.append((ok, error)))
+            assert lead is not None  # no batch was open: this call leads one
+            await lead  # does not raise: the failure goes to settle
         finally:
             blocker.close()
         [(ok, error)] = outcome

@@ -30,7 +30,10 @@ class Operation(Protocol):
     error: BaseException | None
     awaited: bool  # False: the caller does not wait for the commit (progress rides along)
     first: bool  # True: its caller is woken before the others of its batch
-    settle: Callable[[Any], None] | None  # called with the operation once its batch ended
+
+    @property
+    def settle(self) -> Callable[[Any], None] | None:
+        """Called with the operation once its batch ended (a caller that does not wait)."""
 
 
 class _Batch:
@@ -52,6 +55,15 @@ class GroupCommit:
         self.max_batch = max_batch
         self._open: _Batch | None = None  # the batch that still takes operations
         self._newest: _Batch | None = None  # the last batch led (open or not)
+
+    def add(self, op: Operation) -> bool:
+        """Add a non-awaited ``op`` to the open batch without a coroutine; False if there
+        is none (the caller must ``write`` it: it leads the next batch)."""
+        batch = self._open
+        if batch is None or batch.closed or len(batch.ops) >= self.max_batch:
+            return False
+        batch.ops.append(op)
+        return True
 
     async def write(self, op: Operation) -> Any:
         """Add ``op`` to the open batch, wait until its batch is committed, return its result."""

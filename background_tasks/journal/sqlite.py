@@ -43,7 +43,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Final, Literal, TypeVar
@@ -538,15 +538,21 @@ class _Apply(_Op):
 
 
 class _ApplySoon(_Apply):
-    """An ``_Apply`` whose caller does not wait: ``settle(op)`` gets the outcome."""
+    """An ``_Apply`` whose caller does not wait: ``callback(applied, error)`` gets the
+    outcome (through a method, not a closure per operation: fewer objects in flight)."""
 
-    __slots__ = ("settle",)
+    __slots__ = ("callback",)
     awaited = False
     first = False
 
-    def __init__(self, change: Change, shape: _Shape, settle: Callable[[Any], None]) -> None:
+    def __init__(
+        self, change: Change, shape: _Shape, callback: Callable[[bool, BaseException | None], None]
+    ) -> None:
         super().__init__(change, shape)
-        self.settle = settle
+        self.callback = callback
+
+    def settle(self, op: Any) -> None:
+        self.callback(bool(self.result), self.error)
 
 
 class _RequestCancel(_Op):
@@ -923,10 +929,11 @@ class SQLiteJournal:
         if self._wconn is None or self._closing:
             raise JournalError(f"journal {self.path} is not open")
 
-    async def _write(self, op: _Op) -> Any:
-        """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
+    def _write(self, op: _Op) -> Coroutine[Any, Any, Any]:
+        """Add ``op`` to the open batch; the coroutine waits until its batch is committed
+        and returns its result. (Not itself a coroutine: one frame fewer per write.)"""
         self._require_open()
-        return await self._commits.write(op)
+        return self._commits.write(op)
 
     def _write_batch(self, ops: list[_Op]) -> None:
         """Run one batch in one transaction (worker thread)."""
@@ -1007,9 +1014,8 @@ class SQLiteJournal:
         error.__cause__ = exc
         return error
 
-    async def insert(self, row: TaskRow) -> TaskRow:
-        result: TaskRow = await self._write(_Insert(row))
-        return result
+    def insert(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
+        return self._write(_Insert(row))
 
     def _shape(self, change: Change) -> _Shape:
         key = (tuple(change.fields), change.source, change.target)
@@ -1018,19 +1024,23 @@ class SQLiteJournal:
             shape = self._shapes[key] = _Shape(*key)
         return shape
 
-    async def apply(self, change: Change) -> bool:
-        result: bool = await self._write(_Apply(change, self._shape(change)))
-        return result
+    def apply(self, change: Change) -> Coroutine[Any, Any, bool]:
+        return self._write(_Apply(change, self._shape(change)))
 
-    async def apply_soon(
+    def apply_soon(
         self, change: Change, settle: Callable[[bool, BaseException | None], None]
-    ) -> None:
-        """``apply`` without waiting for the commit (unless this call leads the batch):
-        ``settle(applied, error)`` runs on the event loop once the batch ended, before
-        the batch's waiters wake."""
-        op = _ApplySoon(change, self._shape(change), lambda op: settle(bool(op.result), op.error))
+    ) -> Awaitable[None] | None:
+        """``apply`` without waiting for the commit: ``settle(applied, error)`` runs on the
+        event loop once the batch ended, before the batch's waiters wake. Returns None, or
+        an awaitable when this call must lead the next batch (await it)."""
+        op = _ApplySoon(change, self._shape(change), settle)
         self._require_open()
-        with contextlib.suppress(Exception):  # it led the batch: settle has the outcome
+        if self._commits.add(op):
+            return None
+        return self._lead_soon(op)
+
+    async def _lead_soon(self, op: _ApplySoon) -> None:
+        with contextlib.suppress(Exception):  # settle has the outcome
             await self._commits.write(op)
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:
