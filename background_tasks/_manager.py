@@ -45,7 +45,7 @@ from ._retry import RetryPolicy
 from ._states import TRANSITIONS, TaskStatus, check_transition
 from ._task import Task
 from ._validate import check_delay, check_priority, check_retry, check_timeout
-from ._worker import worker_loop
+from ._worker import Wakeup, wakeup_class, worker_loop
 from .journal._protocol import Change, Journal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
@@ -169,7 +169,7 @@ class BackgroundTaskManager:
         self._keys: dict[str, Task] = {}  # idempotency keys of unfinished tasks
         self._counts = dict.fromkeys(TaskStatus, 0)
         self._queue = ReadyQueue(self.queues or {})
-        self._idle: list[anyio.Event] = []
+        self._idle: list[Wakeup] = []  # idle workers, each waiting on its own
         self._running_tasks: set[Task] = set()
         self._claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
         self._claims_on_insert = bool(getattr(journal, "claims_on_insert", False))
@@ -186,6 +186,7 @@ class BackgroundTaskManager:
         self._workers_done: anyio.Event | None = None
         self._cursor = 0
         self._event_cls: Callable[[], anyio.Event] = anyio.Event
+        self._wakeup_cls: Callable[[], Wakeup] = anyio.Event
         self._scope_cls: Callable[..., anyio.CancelScope] = anyio.CancelScope
 
     # ---------------------------------------------------------------- registration
@@ -250,6 +251,7 @@ class BackgroundTaskManager:
         self._idle.clear()
         # The running backend's own classes: skips anyio's per-call backend lookup.
         self._event_cls = type(anyio.Event())
+        self._wakeup_cls = wakeup_class()
         self._scope_cls = type(anyio.CancelScope())
         if self.journal is not None:
             await self.journal.open(self.owner)
@@ -543,7 +545,7 @@ class BackgroundTaskManager:
         worker.set()
         return TaskHandle(self, task.id, task)
 
-    def _unreserve(self, task: Task, worker: anyio.Event) -> None:
+    def _unreserve(self, task: Task, worker: Wakeup) -> None:
         """Give back what ``_submit_claimed`` reserved for a task it did not store."""
         self._queue.release(task.queue)
         if self._closing:

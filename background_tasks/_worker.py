@@ -7,8 +7,10 @@ one event), and each worker keeps one cancel scope until a cancel or timeout use
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from ._queue import ReadyQueue
     from ._task import Task
 
-__all__ = ["decide", "worker_loop"]
+__all__ = ["Wakeup", "decide", "wakeup_class", "worker_loop"]
 
 #: A worker yields to the event loop after this many tasks in a row: tasks that finish
 #: without awaiting would otherwise run back to back and starve everything else.
@@ -32,11 +34,49 @@ PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 
 
+class Wakeup(Protocol):
+    """What an idle worker waits on (``manager._idle``): set once, one waiter."""
+
+    def set(self) -> None: ...
+
+    def wait(self) -> Awaitable[Any]: ...
+
+
+class _FutureWakeup:
+    """An idle worker's wake-up on asyncio: one future, where an ``anyio.Event`` costs
+    an asyncio.Event, its deque and two coroutines per wait (a worker idles once per
+    task when tasks are journaled; the objects add up to garbage collections)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        return self._future
+
+
+def wakeup_class() -> Callable[[], Wakeup]:
+    """The cheapest one-waiter event of the running backend."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if cancelled is asyncio.CancelledError:
+        return _FutureWakeup
+    if cancelled.__module__.startswith("trio"):
+        import trio  # only when running on it
+
+        return trio.Event  # anyio's wraps one
+    return type(anyio.Event())
+
+
 async def worker_loop(manager: BackgroundTaskManager) -> None:
     queue = manager._queue
     idle = manager._idle
     claimed = manager._claimed
-    event_cls = manager._event_cls
+    event_cls = manager._wakeup_cls
     scope_cls = manager._scope_cls
     in_memory = manager.journal is None
     streak = 0  # tasks run since this worker last let others run
