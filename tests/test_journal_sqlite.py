@@ -619,3 +619,49 @@ async def test_apply_soon_reports_a_failed_batch_to_settle(tmp_path: Path) -> No
         assert still.status is TaskStatus.RUNNING  # nothing of the batch was stored
     finally:
         await journal.close()
+
+
+async def test_values_that_look_like_the_null_stand_ins_are_stored_as_given(
+    journal: SQLiteJournal,
+) -> None:
+    """The hot paths bind 0 (text columns) and '' (real columns) where they mean NULL,
+    turned back by NULLIF in the SQL (``sqlite._NULL_AS``): a real "0", 0.0 or "" must
+    come back as it went in, on the set-based path (several rows in one batch) and the
+    one-by-one path (a keyed insert), and a NULL stays NULL."""
+    plain = [make_row(options_json="0") for _ in range(3)]
+    keyed = [make_row(key="0"), make_row(key="")]
+    async with anyio.create_task_group() as tg:  # one batch
+        for row in plain + keyed:
+            tg.start_soon(journal.insert, row)
+    for row in plain + keyed:
+        stored = await journal.get(row.id)
+        assert stored is not None
+        assert (stored.key, stored.options_json) == (row.key, row.options_json)
+        assert (stored.owner, stored.started_at, stored.result_json) == (None, None, None)
+
+    def start(row: TaskRow) -> Change:
+        fields = {"attempts": 1, "owner": "0", "lease_until": 0.0, "started_at": 0.0}
+        return Change(row.id, 0, P, R, 1, 0.0, "0", fields)
+
+    async with anyio.create_task_group() as tg:
+        for row in plain:
+            tg.start_soon(journal.apply, start(row))
+    running = [await journal.get(row.id) for row in plain]
+    for row in running:
+        assert row is not None
+        assert (row.status, row.owner, row.lease_until, row.started_at) == (R, "0", 0.0, 0.0)
+    done = [finish(row, result_json="0", progress_json="") for row in running if row is not None]
+    async with anyio.create_task_group() as tg:
+        for change in done:
+            tg.start_soon(journal.apply, change)
+    for row in plain:
+        stored = await journal.get(row.id)
+        assert stored is not None
+        assert (stored.status, stored.result_json, stored.error_json) == (C, "0", None)
+        assert (stored.progress_json, stored.owner, stored.lease_until) == ("", None, None)
+        lines = await journal.history(row.id)
+        assert [(h.source, h.target, h.owner) for h in lines] == [
+            (None, P, None),
+            (P, R, "0"),
+            (R, C, "0"),
+        ]
