@@ -665,3 +665,45 @@ async def test_values_that_look_like_the_null_stand_ins_are_stored_as_given(
             (P, R, "0"),
             (R, C, "0"),
         ]
+
+
+def claimed_row(**overrides: Any) -> TaskRow:
+    """A row as ``submit`` stores it when it claims the task at once (claims_on_insert)."""
+    now = time.time()
+    fields: dict[str, Any] = {
+        "status": R, "version": 1, "attempts": 1, "owner": OWNER, "started_at": now,
+        "lease_until": now + 30,
+    }  # fmt: skip
+    fields.update(overrides)
+    return make_row(**fields)
+
+
+@pytest.mark.parametrize("rowids", ["consecutive", "random"])
+async def test_rows_claimed_as_submitted_are_stored_with_both_history_lines(
+    journal: SQLiteJournal, rowids: str
+) -> None:
+    """Claimed inserts take a short path: one INSERT binding only what varies, and their
+    history lines made by SQLite from the new rows, found by rowid. When SQLite hands out
+    random rowids (the table once held the largest one), that lookup no longer finds
+    them all: the batch is replayed one operation at a time, with the same result."""
+    if rowids == "random":
+        first = await journal.insert(make_row())
+        with sqlite3.connect(journal.path) as conn:
+            conn.execute("UPDATE tasks SET rowid = 9223372036854775807 WHERE id = ?", (first.id,))
+    rows = [
+        claimed_row(),
+        claimed_row(options_json='{"timeout": 5}', owner="0"),
+        claimed_row(lease_until=None, args_json="[0]"),
+    ]
+    async with anyio.create_task_group() as tg:  # one batch
+        for row in rows:
+            tg.start_soon(journal.insert, row)
+    for row in rows:
+        stored = await journal.get(row.id)
+        assert stored == row  # every column, NULLs included
+        lines = await journal.history(row.id)
+        assert [(h.source, h.target, h.attempt, h.owner) for h in lines] == [
+            (None, P, 0, row.owner),
+            (P, R, 1, row.owner),
+        ]
+        assert [h.at.timestamp() for h in lines] == pytest.approx([row.created_at, row.started_at])

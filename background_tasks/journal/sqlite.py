@@ -14,7 +14,9 @@ How a write travels (DESIGN.md §2, "durable acknowledgement"):
   in one ``INSERT ... SELECT FROM (VALUES ...)``, all changes of one shape (fields,
   source, target) in one ``UPDATE ... FROM (VALUES ...)``, and every history line in one
   more INSERT (``_Writer``): a handful of sqlite3 calls per batch, each of which hands
-  the GIL to the event loop and back, instead of several per operation. Operations that
+  the GIL to the event loop and back, instead of several per operation. Rows claimed as
+  they were submitted bind only the columns that vary, and SQLite makes their history
+  lines from the new rows; NULLs go as cheaper stand-ins (``_NULL_AS``). Operations that
   must see the rows as they are (a keyed insert, a cancel request, a reclaim) first write
   what was collected.
 * An operation that fails on its own (a constraint, a value SQLite cannot bind) must not
@@ -230,6 +232,49 @@ def _insert_sql(rows: int) -> str:
     )
 
 
+#: What a row claimed as it was submitted (``_Insert.claim``) binds: the flag, these
+#: columns, then options_json, owner and lease_until (or their stand-ins for NULL).
+#: Every other column is the same for all such rows (``_CLAIMED``).
+_CLAIM_FIELDS: Final = (
+    "id", "name", "queue", "priority", "args_json", "kwargs_json", "max_attempts",
+    "created_at", "scheduled_at", "started_at", "options_json", "owner", "lease_until",
+)  # fmt: skip
+_claim_values: Final = attrgetter(*_CLAIM_FIELDS[:-3])
+_CLAIMED: Final = {
+    "status": "'running'",
+    "key": "NULL",
+    "attempts": "1",
+    "recoveries": "0",
+    "finished_at": "NULL",
+    "result_json": "NULL",
+    "error_json": "NULL",
+    "progress_json": "NULL",
+    "cancel_requested": "0",
+    "version": "1",
+}
+assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(_COLUMNS)
+
+
+def _claims_sql(rows: int) -> str:
+    values = [_CLAIMED.get(c) or _bound(c, f"column{2 + _CLAIM_FIELDS.index(c)}") for c in _COLUMNS]
+    return (
+        f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
+        f" SELECT {', '.join(values)}, ?, ? FROM {_values(rows, len(_CLAIM_FIELDS))}"
+        " WHERE column1"
+    )
+
+
+#: The two history lines of each row claimed as submitted, from the rows themselves:
+#: (rowid from, rowid to, rev).
+_CLAIM_HISTORY: Final = (
+    f"INSERT OR REPLACE INTO history ({_HISTORY_COLUMNS})"
+    " SELECT t.id, s.column1, s.column2, s.column3, s.column1,"
+    " CASE s.column1 WHEN 0 THEN t.created_at ELSE t.started_at END, t.owner, NULL"
+    " FROM tasks AS t CROSS JOIN (VALUES (0, NULL, 'pending'), (1, 'pending', 'running')) AS s"
+    " WHERE t.rowid BETWEEN ? AND ? AND t.rev = ?"
+)
+
+
 def _history_sql(rows: int) -> str:
     return (
         f"INSERT OR REPLACE INTO history ({_HISTORY_COLUMNS})"
@@ -266,6 +311,7 @@ class _Statements:
 
 
 _INSERTS: Final = _Statements(_insert_sql)
+_CLAIMS: Final = _Statements(_claims_sql)
 _HISTORIES: Final = _Statements(_history_sql)
 _APPLIED: Final = _Statements(_applied_sql)
 
@@ -384,7 +430,8 @@ class _Writer:
     """
 
     __slots__ = (
-        "conn", "grouped", "groups", "history", "inserts", "max_rows", "owner", "rev", "touched",
+        "claims", "conn", "grouped", "groups", "history", "inserts", "max_rows", "owner", "rev",
+        "touched",
     )  # fmt: skip
 
     def __init__(
@@ -397,6 +444,7 @@ class _Writer:
         self.rev = 0
         self.history: list[tuple[Any, ...]] = []
         self.inserts: list[_Insert] = []
+        self.claims: list[_Insert] = []  # inserts of rows claimed as submitted
         self.groups: dict[_Shape, list[_Apply]] = {}
         self.touched: set[str] = set()
 
@@ -411,6 +459,10 @@ class _Writer:
     def flush(self) -> None:
         conn = self.conn
         max_rows = self.max_rows
+        if self.claims:
+            claims, self.claims = self.claims, []
+            for start in range(0, len(claims), max_rows):
+                self._claims(claims[start : start + max_rows])
         if self.inserts:
             inserts, self.inserts = self.inserts, []
             history = self.history
@@ -420,7 +472,7 @@ class _Writer:
                 params: list[Any] = [self.rev, self.owner]
                 for op in part:
                     params.append(1)
-                    params += op.values
+                    params += op.values()
                     op.result = op.row
                     op.history(history)
                 params += _zeros((rows - len(part)) * (1 + len(_COLUMNS)))
@@ -430,6 +482,25 @@ class _Writer:
             for shape, ops in groups.items():
                 for start in range(0, len(ops), max_rows):
                     self._update(shape, ops[start : start + max_rows])
+
+    def _claims(self, ops: list[_Insert]) -> None:
+        """Rows claimed as submitted: one INSERT binding only what varies, then their two
+        history lines each, made by SQLite from the rows just inserted (by rowid: a
+        statement's new rows get consecutive ones, checked by the line count)."""
+        rows = _padded(len(ops))
+        params: list[Any] = [self.rev, self.owner]
+        for op in ops:
+            params += op.claim  # type: ignore[arg-type]
+            op.result = op.row
+        params += _zeros((rows - len(ops)) * (1 + len(_CLAIM_FIELDS)))
+        cursor = self.conn.execute(_CLAIMS(rows), params)
+        last = cursor.lastrowid
+        n = len(ops)
+        if cursor.rowcount != n or last is None:
+            raise sqlite3.DataError(f"inserted {cursor.rowcount} claimed rows of {n}")
+        lines = self.conn.execute(_CLAIM_HISTORY, (last - n + 1, last, self.rev)).rowcount
+        if lines != 2 * n:  # rowids were not consecutive: the careful replay writes them
+            raise sqlite3.DataError(f"wrote {lines} history lines for {n} claimed rows")
 
     def _update(self, shape: _Shape, ops: list[_Apply]) -> None:
         rows = _padded(len(ops))
@@ -502,42 +573,59 @@ class _Op:
 
 
 class _Insert(_Op):
-    __slots__ = ("row", "values")
+    __slots__ = ("claim", "row")
 
     def __init__(self, row: TaskRow) -> None:
         super().__init__()
         self.row = row
+        #: A row claimed as it was submitted goes as ``_claim_values`` only (``_Writer``).
+        self.claim: tuple[Any, ...] | None = None
+        if (
+            row.status is TaskStatus.RUNNING
+            and row.version == 1
+            and row.attempts == 1
+            and row.key is None
+            and row.recoveries == 0
+            and not row.cancel_requested
+            and row.finished_at is None
+            and row.result_json is None
+            and row.error_json is None
+            and row.progress_json is None
+        ):
+            options, owner, lease = row.options_json, row.owner, row.lease_until
+            self.claim = (
+                1,
+                *_claim_values(row),
+                0 if options is None else options,  # stand-ins for NULL: _NULL_AS
+                0 if owner is None else owner,
+                "" if lease is None else lease,
+            )
+
+    def values(self) -> list[Any]:
+        """Every column's value, stand-ins for NULL (``_NULL_AS``)."""
+        row = self.row
         values = list(_row_values(row))
         values[_STATUS_INDEX] = row.status.value
         values[_CANCEL_INDEX] = int(row.cancel_requested)
         for i, null in _ROW_NULLS:
             if values[i] is None:
                 values[i] = null
-        self.values = values
+        return values
 
     def history(self, lines: list[tuple[Any, ...]]) -> None:
         row = self.row
+        owner = 0 if row.owner is None else row.owner  # 0: NULL (_NULL_AS)
+        error = 0 if row.error_json is None else row.error_json
         if row.status is TaskStatus.RUNNING and row.version == 1:  # claimed as submitted
-            owner = row.owner or 0  # 0: NULL (_NULL_AS)
             lines.append((row.id, 0, 0, "pending", 0, row.created_at, owner, 0))
             lines.append((row.id, 1, "pending", "running", 1, row.started_at, owner, 0))
             return
-        lines.append(
-            (
-                row.id,
-                row.version,
-                0,
-                self.values[_STATUS_INDEX],
-                row.attempts,
-                row.created_at,
-                row.owner or 0,
-                row.error_json or 0,
-            )
-        )  # fmt: skip  (0: NULL, _NULL_AS)
+        status, created = row.status.value, row.created_at
+        lines.append((row.id, row.version, 0, status, row.attempts, created, owner, error))
 
     def add(self, w: _Writer) -> None:
         if self.row.key is None and not w.alone(self.row.id):
-            w.inserts.append(self)
+            (w.inserts if self.claim is None else w.claims).append(self)
         else:
             w.touched.add(self.row.id)
             _Op.add(self, w)
@@ -548,7 +636,7 @@ class _Insert(_Op):
             live = w.conn.execute(_LIVE_KEY, (row.key,)).fetchall()
             if live:
                 return _to_row(live[0])
-        w.conn.execute(_INSERT, (*self.values, w.rev, w.owner))
+        w.conn.execute(_INSERT, (*self.values(), w.rev, w.owner))
         self.history(w.history)
         return row
 
@@ -569,16 +657,10 @@ class _Apply(_Op):
 
     def history(self) -> tuple[Any, ...]:
         c, shape = self.change, self.shape
-        return (
-            c.task_id,
-            c.version + 1,
-            shape.source,
-            shape.target,
-            c.attempt,
-            c.at,
-            c.owner or 0,
-            c.fields.get("error_json") or 0,
-        )  # fmt: skip  (0: NULL, _NULL_AS)
+        owner = 0 if c.owner is None else c.owner  # 0: NULL (_NULL_AS)
+        error = c.fields.get("error_json")
+        error = 0 if error is None else error
+        return (c.task_id, c.version + 1, shape.source, shape.target, c.attempt, c.at, owner, error)
 
     def add(self, w: _Writer) -> None:
         if not w.alone(self.change.task_id):
