@@ -10,7 +10,8 @@ Side by side in ONE process, alternating contenders round by round (median of ro
   consumer with 10 worker threads) measured separately;
 * ``sqlite3 floor``: plain sqlite3, WAL, ``synchronous=FULL``, 100 tasks per commit with
   three writes each (insert PENDING, update RUNNING, update COMPLETED); and, for scale,
-  the same with one commit per write.
+  the same with ``synchronous=NORMAL`` (what fsync costs on this disk: the most NORMAL
+  can gain) and with one commit per write.
 
 The manager workload: 50 concurrent submitters each ``await noop.submit()`` their share
 (a durable acknowledgement per submit), then every handle is awaited; concurrency 100; a
@@ -194,8 +195,10 @@ _RUN = "update tasks set status = 'running', attempts = 1, started_at = ? where 
 _DONE = "update tasks set status = 'completed', finished_at = ?, result = 'null' where id = ?"
 
 
-def sqlite_floor(workdir: str, n: int, per_commit: int = 100) -> dict[str, float]:
-    """Plain sqlite3, WAL + FULL: ``per_commit`` tasks (three writes each) per commit.
+def sqlite_floor(
+    workdir: str, n: int, per_commit: int = 100, sync: str = "FULL"
+) -> dict[str, float]:
+    """Plain sqlite3, WAL + ``sync``: ``per_commit`` tasks (three writes each) per commit.
 
     ``per_commit=0`` means one commit per write (three commits per task).
     """
@@ -204,7 +207,7 @@ def sqlite_floor(workdir: str, n: int, per_commit: int = 100) -> dict[str, float
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("pragma journal_mode=wal")
-        conn.execute("pragma synchronous=FULL")
+        conn.execute(f"pragma synchronous={sync}")
         conn.execute(_SCHEMA)
         ids = [f"{i:020d}" for i in range(n)]
         gc.collect()
@@ -383,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     contenders["huey SqliteHuey"] = lambda: huey_throughput(workdir, huey_n)
     contenders["sqlite3 floor (100/commit)"] = lambda: sqlite_floor(workdir, n, 100)
+    contenders["sqlite3 floor NORMAL"] = lambda: sqlite_floor(workdir, n, 100, "NORMAL")
     contenders["sqlite3, commit per write"] = lambda: sqlite_floor(workdir, max(n // 10, 500), 0)
 
     result: dict[str, Any] = {
@@ -539,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         "x",
     )
     target("NORMAL vs FULL", paired("manager SQLite NORMAL", "FULL"), 1.5, True, "x")
+    floor_normal = paired("sqlite3 floor NORMAL", "floor")
+    if floor_normal is not None:
+        print(
+            f"{'':9}(for scale: plain sqlite3, 100 tasks per commit, NORMAL vs FULL"
+            f" {floor_normal:.2f}x: what skipping fsync gives a path of ~10 us per task)"
+        )
     target("durable submit p50 (FULL)", lat.get("FULL", {}).get("p50_ms"), 5.0, False, "ms")
     target(f"recover {recover_n:,} pending (all queued)", rec.get("all_queued_s"), 3.0, False, "s")
     target(
