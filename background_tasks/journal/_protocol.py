@@ -103,8 +103,10 @@ class Journal(Protocol):
 
         A journal may also offer ``apply_soon(change, settle)``: the same write without
         waiting for it, ``settle(applied, error)`` called on the event loop once it is
-        committed (or failed), before any caller waiting on the same commit resumes. A
-        worker then records a completion and is free at once (``_complete_soon``).
+        committed (or failed), before any caller waiting on the same commit resumes. It
+        is a plain call returning None, or an awaitable that the caller must await when
+        its write has to start the next batch. A worker then records a completion and is
+        free at once (``_complete_soon``).
         """
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:
