@@ -490,7 +490,7 @@ class _Writer:
         rows = _padded(len(ops))
         params: list[Any] = [self.rev, self.owner]
         for op in ops:
-            params += op.claim  # type: ignore[arg-type]
+            params += op.claim or ()  # set: add() put it here
             op.result = op.row
         params += _zeros((rows - len(ops)) * (1 + len(_CLAIM_FIELDS)))
         cursor = self.conn.execute(_CLAIMS(rows), params)
@@ -705,7 +705,7 @@ class _ApplySoon(_Apply):
         super().__init__(change, shape)
         self.callback = callback
 
-    def settle(self, op: Any) -> None:
+    def settle(self, _op: Any) -> None:  # _op is self (GroupCommit passes the operation)
         self.callback(bool(self.result), self.error)
 
 
