@@ -105,6 +105,15 @@ def test_in_memory_paths_are_refused(path: str) -> None:
 def test_path_type_is_checked() -> None:
     with pytest.raises(TypeError, match="path"):
         SQLiteJournal(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"str or os\.PathLike, not bytes"):
+        SQLiteJournal(b"tasks.db")  # type: ignore[arg-type]
+
+    class BytesPath:  # an os.PathLike[bytes]
+        def __fspath__(self) -> bytes:
+            return b"tasks.db"
+
+    with pytest.raises(TypeError, match="text path, not bytes"):
+        SQLiteJournal(BytesPath())  # type: ignore[arg-type]
 
 
 def test_attributes(tmp_path: Path) -> None:

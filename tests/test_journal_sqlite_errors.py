@@ -15,8 +15,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
 
+from background_tasks import (
+    BackgroundTaskManager,
+    ManagerNotRunning,
+    RetryPolicy,
+    TaskFailed,
+    TaskStatus,
+)
 from background_tasks._errors import JournalError
 from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
 from background_tasks.testing import OWNER, make_row
@@ -272,3 +280,94 @@ async def test_disk_full_at_open(tmp_path: Path, anyio_backend: object) -> None:
     error = json.loads(result.stdout)["open_error"]
     assert str(path) in error
     assert "disk" in error
+
+
+async def test_a_result_that_json_cannot_hold_fails_its_task_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """A registered task whose return value JSON cannot hold: its task FAILED with a
+    SerializationError naming it, not retried, kept across a restart; the writer and the
+    other tasks of the same batches carry on."""
+    path = tmp_path / "tasks.db"
+    manager = BackgroundTaskManager(journal=SQLiteJournal(path), max_concurrency=4)
+    retry = RetryPolicy(max_attempts=3, base_delay=0.01)
+
+    @manager.task(name="gives_a_set", retry=retry)
+    async def gives_a_set() -> object:
+        return {1, 2}
+
+    @manager.task(name="fine")
+    async def fine(i: int) -> int:
+        return i
+
+    async with manager:
+        bad = await gives_a_set.submit()
+        good = [await fine.submit(i) for i in range(20)]
+        with pytest.raises(TaskFailed) as failed:
+            await bad
+        assert failed.value.error.type.endswith("SerializationError")
+        assert "gives_a_set" in failed.value.error.message
+        assert [await h for h in good] == list(range(20))
+        record = await manager.get(bad.id)
+        assert record is not None
+        assert (record.status, record.attempts) == (TaskStatus.FAILED, 1)
+
+    async with BackgroundTaskManager(journal=SQLiteJournal(path)) as again:
+        record = await again.get(bad.id)
+        assert record is not None
+        assert (record.status, record.attempts) == (TaskStatus.FAILED, 1)
+        assert record.error is not None
+        assert record.error.type.endswith("SerializationError")
+        assert [h.target for h in await again.history(bad.id)] == [
+            TaskStatus.PENDING,
+            TaskStatus.RUNNING,
+            TaskStatus.FAILED,
+        ]
+
+
+async def test_shutdown_fails_a_task_that_used_up_max_recoveries(tmp_path: Path) -> None:
+    """An attempt cut short by shutdown goes back to PENDING only while the task has
+    recoveries left; with max_recoveries=0 it is FAILED, saying why, and stays so."""
+    path = tmp_path / "tasks.db"
+    manager = BackgroundTaskManager(
+        journal=SQLiteJournal(path), max_recoveries=0, shutdown_timeout=0.05
+    )
+    started = anyio.Event()
+
+    @manager.task(name="forever")
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with manager:
+        handle = await forever.submit()
+        await started.wait()
+
+    async with BackgroundTaskManager(journal=SQLiteJournal(path)) as again:
+        record = await again.get(handle.id)
+        assert record is not None
+        assert record.status is TaskStatus.FAILED
+        assert record.error is not None
+        assert "max_recoveries=0" in record.error.message
+
+
+async def test_awaiting_a_journaled_task_after_the_manager_stopped(tmp_path: Path) -> None:
+    """Shutdown leaves an unfinished journaled task PENDING for the next start: awaiting
+    its handle afterwards (or any id this manager did not hold) cannot wait for it and
+    says so, instead of hanging."""
+    path = tmp_path / "tasks.db"
+    manager = BackgroundTaskManager(journal=SQLiteJournal(path), shutdown_timeout=0.05)
+    started = anyio.Event()
+
+    @manager.task(name="forever")
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with manager:
+        handle = await forever.submit()
+        await started.wait()
+    with pytest.raises(ManagerNotRunning, match=handle.id):
+        await handle
+    with pytest.raises(ManagerNotRunning, match="not running"):
+        await manager.handle("some-other-id")

@@ -728,6 +728,8 @@ async def test_statistics() -> None:
         assert stats.queued == 1
         assert stats.running == 0
         assert stats["completed"] == 3
+        with pytest.raises(KeyError, match="nope"):
+            stats["nope"]
         assert stats[TaskStatus.FAILED] == 1
         assert stats.by_status[TaskStatus.PENDING] == 1
         assert sum(stats.by_status.values()) == 6

@@ -351,3 +351,21 @@ async def test_default_timeout_infinite_means_none() -> None:
         record = await manager.get(handle.id)
     assert record is not None
     assert record.timeout is None
+
+
+async def test_a_worker_wakeup_set_twice_or_after_its_waiter_left() -> None:
+    """An idle worker's wake-up (one future on asyncio, a trio.Event on trio): shutdown
+    and a submit can both set it, and a worker cancelled while idle leaves it behind."""
+    from background_tasks._worker import wakeup_class
+
+    make = wakeup_class()
+    wakeup = make()
+    wakeup.set()
+    wakeup.set()
+    await wakeup.wait()  # already set: returns at once
+
+    left = make()
+    with anyio.move_on_after(0.01) as scope:
+        await left.wait()
+    assert scope.cancelled_caught
+    left.set()  # nobody waits any more: no error

@@ -493,11 +493,8 @@ class _Writer:
             params += op.claim or ()  # set: add() put it here
             op.result = op.row
         params += _zeros((rows - len(ops)) * (1 + len(_CLAIM_FIELDS)))
-        cursor = self.conn.execute(_CLAIMS(rows), params)
-        last = cursor.lastrowid
+        last = self.conn.execute(_CLAIMS(rows), params).lastrowid or 0
         n = len(ops)
-        if cursor.rowcount != n or last is None:
-            raise sqlite3.DataError(f"inserted {cursor.rowcount} claimed rows of {n}")
         lines = self.conn.execute(_CLAIM_HISTORY, (last - n + 1, last, self.rev)).rowcount
         if lines != 2 * n:  # rowids were not consecutive: the careful replay writes them
             raise sqlite3.DataError(f"wrote {lines} history lines for {n} claimed rows")
