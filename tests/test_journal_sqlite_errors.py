@@ -23,6 +23,7 @@ from background_tasks import (
     ManagerNotRunning,
     RetryPolicy,
     TaskFailed,
+    TaskHandle,
     TaskStatus,
 )
 from background_tasks._errors import JournalError
@@ -325,13 +326,8 @@ async def test_a_result_that_json_cannot_hold_fails_its_task_and_nothing_else(
         ]
 
 
-async def test_shutdown_fails_a_task_that_used_up_max_recoveries(tmp_path: Path) -> None:
-    """An attempt cut short by shutdown goes back to PENDING only while the task has
-    recoveries left; with max_recoveries=0 it is FAILED, saying why, and stays so."""
-    path = tmp_path / "tasks.db"
-    manager = BackgroundTaskManager(
-        journal=SQLiteJournal(path), max_recoveries=0, shutdown_timeout=0.05
-    )
+async def _stopped_while_running(manager: BackgroundTaskManager) -> TaskHandle[None]:
+    """Run a task that never ends on ``manager``, then stop the manager under it."""
     started = anyio.Event()
 
     @manager.task(name="forever")
@@ -342,6 +338,16 @@ async def test_shutdown_fails_a_task_that_used_up_max_recoveries(tmp_path: Path)
     async with manager:
         handle = await forever.submit()
         await started.wait()
+    return handle
+
+
+async def test_shutdown_fails_a_task_that_used_up_max_recoveries(tmp_path: Path) -> None:
+    """An attempt cut short by shutdown goes back to PENDING only while the task has
+    recoveries left; with max_recoveries=0 it is FAILED, saying why, and stays so."""
+    path = tmp_path / "tasks.db"
+    handle = await _stopped_while_running(
+        BackgroundTaskManager(journal=SQLiteJournal(path), max_recoveries=0, shutdown_timeout=0.05)
+    )
 
     async with BackgroundTaskManager(journal=SQLiteJournal(path)) as again:
         record = await again.get(handle.id)
@@ -355,18 +361,10 @@ async def test_awaiting_a_journaled_task_after_the_manager_stopped(tmp_path: Pat
     """Shutdown leaves an unfinished journaled task PENDING for the next start: awaiting
     its handle afterwards (or any id this manager did not hold) cannot wait for it and
     says so, instead of hanging."""
-    path = tmp_path / "tasks.db"
-    manager = BackgroundTaskManager(journal=SQLiteJournal(path), shutdown_timeout=0.05)
-    started = anyio.Event()
-
-    @manager.task(name="forever")
-    async def forever() -> None:
-        started.set()
-        await anyio.sleep_forever()
-
-    async with manager:
-        handle = await forever.submit()
-        await started.wait()
+    manager = BackgroundTaskManager(
+        journal=SQLiteJournal(tmp_path / "tasks.db"), shutdown_timeout=0.05
+    )
+    handle = await _stopped_while_running(manager)
     with pytest.raises(ManagerNotRunning, match=handle.id):
         await handle
     with pytest.raises(ManagerNotRunning, match="not running"):

@@ -240,23 +240,39 @@ _CLAIM_FIELDS: Final = (
     "created_at", "scheduled_at", "started_at", "options_json", "owner", "lease_until",
 )  # fmt: skip
 _claim_values: Final = attrgetter(*_CLAIM_FIELDS[:-3])
-_CLAIMED: Final = {
-    "status": "'running'",
-    "key": "NULL",
-    "attempts": "1",
-    "recoveries": "0",
-    "finished_at": "NULL",
-    "result_json": "NULL",
-    "error_json": "NULL",
-    "progress_json": "NULL",
-    "cancel_requested": "0",
-    "version": "1",
+_CLAIMED: Final[dict[str, Any]] = {
+    "status": TaskStatus.RUNNING,
+    "key": None,
+    "attempts": 1,
+    "recoveries": 0,
+    "finished_at": None,
+    "result_json": None,
+    "error_json": None,
+    "progress_json": None,
+    "cancel_requested": False,
+    "version": 1,
 }
 assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(_COLUMNS)
+#: Whether a row is one of those: ``_claimed_fixed(row) == _CLAIMED_VALUES``.
+_claimed_fixed: Final = attrgetter(*_CLAIMED)
+_CLAIMED_VALUES: Final = tuple(_CLAIMED.values())
+
+
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):  # a TaskStatus too
+        return f"'{value}'"
+    return str(int(value))
 
 
 def _claims_sql(rows: int) -> str:
-    values = [_CLAIMED.get(c) or _bound(c, f"column{2 + _CLAIM_FIELDS.index(c)}") for c in _COLUMNS]
+    values = [
+        _sql_literal(_CLAIMED[c])
+        if c in _CLAIMED
+        else _bound(c, f"column{2 + _CLAIM_FIELDS.index(c)}")
+        for c in _COLUMNS
+    ]
     return (
         f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
         f" SELECT {', '.join(values)}, ?, ? FROM {_values(rows, len(_CLAIM_FIELDS))}"
@@ -577,18 +593,7 @@ class _Insert(_Op):
         self.row = row
         #: A row claimed as it was submitted goes as ``_claim_values`` only (``_Writer``).
         self.claim: tuple[Any, ...] | None = None
-        if (
-            row.status is TaskStatus.RUNNING
-            and row.version == 1
-            and row.attempts == 1
-            and row.key is None
-            and row.recoveries == 0
-            and not row.cancel_requested
-            and row.finished_at is None
-            and row.result_json is None
-            and row.error_json is None
-            and row.progress_json is None
-        ):
+        if _claimed_fixed(row) == _CLAIMED_VALUES:
             options, owner, lease = row.options_json, row.owner, row.lease_until
             self.claim = (
                 1,
@@ -612,11 +617,12 @@ class _Insert(_Op):
     def history(self, lines: list[tuple[Any, ...]]) -> None:
         row = self.row
         owner = 0 if row.owner is None else row.owner  # 0: NULL (_NULL_AS)
-        error = 0 if row.error_json is None else row.error_json
         if row.status is TaskStatus.RUNNING and row.version == 1:  # claimed as submitted
+            # (the fast path writes these two with _CLAIM_HISTORY instead)
             lines.append((row.id, 0, 0, "pending", 0, row.created_at, owner, 0))
             lines.append((row.id, 1, "pending", "running", 1, row.started_at, owner, 0))
             return
+        error = 0 if row.error_json is None else row.error_json
         status, created = row.status.value, row.created_at
         lines.append((row.id, row.version, 0, status, row.attempts, created, owner, error))
 
