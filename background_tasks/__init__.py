@@ -15,6 +15,7 @@ from ._errors import QueueFull as QueueFull
 from ._errors import SerializationError as SerializationError
 from ._errors import TaskCancelled as TaskCancelled
 from ._errors import TaskFailed as TaskFailed
+from ._errors import TaskInterrupted as TaskInterrupted
 from ._errors import TaskNotFound as TaskNotFound
 from ._errors import TaskTimeoutError as TaskTimeoutError
 from ._handle import TaskHandle as TaskHandle
@@ -52,6 +53,7 @@ __all__ = (
     "TaskContext",
     "TaskFailed",
     "TaskHandle",
+    "TaskInterrupted",
     "TaskNotFound",
     "TaskRecord",
     "TaskRegistry",

@@ -2,7 +2,7 @@
 attempt's deadline.
 
 It changes no task state; it only says how the attempt ended, so the worker can decide
-(retry, fail, record) and the manager can apply the transition. The scope belongs to the
+(retry, fail, record) and the state writer can apply the transition. The scope belongs to the
 worker and lives across attempts (one per worker until it is cancelled), because creating
 and entering a scope per attempt was a fifth of the per-task cost.
 """
@@ -20,8 +20,8 @@ from ._context import _current
 from ._errors import TaskTimeoutError
 
 if TYPE_CHECKING:
-    from ._manager import BackgroundTaskManager
     from ._task import Task
+    from ._writer import StateWriter
 
 __all__ = ["Ended", "cut_short", "run_attempt"]
 
@@ -34,7 +34,7 @@ class Ended(enum.Enum):
 
 
 async def run_attempt(
-    task: Task, manager: BackgroundTaskManager, scope: anyio.CancelScope
+    task: Task, writer: StateWriter, scope: anyio.CancelScope
 ) -> tuple[Ended, Any]:
     """Await the task's coroutine. A cancellation of ``scope`` propagates to the worker,
     which then asks ``cut_short`` what it meant."""
@@ -44,7 +44,7 @@ async def run_attempt(
     if timeout is not None:
         scope.deadline = anyio.current_time() + timeout
     task.scope = scope
-    token = _current.set((task, manager))
+    token = _current.set((task, writer))
     try:
         return Ended.OK, await fn(*task.args, **task.kwargs)
     except Exception as exc:

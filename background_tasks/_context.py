@@ -8,22 +8,22 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._manager import BackgroundTaskManager
     from ._task import Task
+    from ._writer import StateWriter
 
 __all__ = ["TaskContext", "current_task"]
 
-_current: ContextVar[tuple[Task, BackgroundTaskManager]] = ContextVar("background_task")
+_current: ContextVar[tuple[Task, StateWriter]] = ContextVar("background_task")
 
 
 class TaskContext:
     """The running task, as seen from inside it."""
 
-    __slots__ = ("_manager", "_task")
+    __slots__ = ("_task", "_writer")
 
-    def __init__(self, task: Task, manager: BackgroundTaskManager) -> None:
+    def __init__(self, task: Task, writer: StateWriter) -> None:
         self._task = task
-        self._manager = manager
+        self._writer = writer
 
     @property
     def id(self) -> str:
@@ -55,13 +55,13 @@ class TaskContext:
         if message is not None and not isinstance(message, str):
             raise TypeError(f"progress message must be a str, got {message!r}")
         self._task.progress = (fraction, message, time.time())
-        await self._manager._progress(self._task)
+        await self._writer.progress(self._task)
 
 
 def current_task() -> TaskContext:
     """The task whose attempt is running in this context; RuntimeError outside a task."""
     try:
-        task, manager = _current.get()
+        task, writer = _current.get()
     except LookupError:
         raise RuntimeError("current_task() was called outside a background task") from None
-    return TaskContext(task, manager)
+    return TaskContext(task, writer)

@@ -20,6 +20,7 @@ __all__ = [
     "SerializationError",
     "TaskCancelled",
     "TaskFailed",
+    "TaskInterrupted",
     "TaskNotFound",
     "TaskTimeoutError",
 ]
@@ -62,6 +63,17 @@ class TaskNotFound(BackgroundTasksError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class TaskInterrupted(BackgroundTasksError):
+    """The task's attempts were cut short (shutdown or a crash) more than max_recoveries times."""
+
+    def __init__(self, task_id: str, interruptions: int, max_recoveries: int) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"task {task_id} was interrupted {interruptions} times, more than"
+            f" max_recoveries={max_recoveries}: its process stopped or crashed while running it"
+        )
 
 
 class InvalidTransition(BackgroundTasksError):

@@ -1,4 +1,6 @@
-"""The ready queue: priority then FIFO, per-queue limits, and a heap of not-before times.
+"""The ready queue (priority then FIFO, per-queue limits, a heap of not-before times) and
+the dispatch around it: idle workers' wake-ups, tasks claimed at submit, and the timer
+that promotes delayed tasks when they are due.
 
 Each named queue holds one deque of tasks per priority (most work uses one priority, so a
 push and a pop are a deque append and popleft: no tuple per task, nothing for the garbage
@@ -12,12 +14,17 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
+
+import anyio
 
 from ._task import Task
 
-__all__ = ["ReadyQueue"]
+__all__ = ["Dispatch", "ReadyQueue", "Wakeup"]
 
 
 class _Lane:
@@ -143,3 +150,70 @@ class ReadyQueue:
             self._running[queue] -= 1
             return True
         return False
+
+
+class Wakeup(Protocol):
+    """What an idle worker waits on: set once, one waiter."""
+
+    def set(self) -> None: ...
+
+    def wait(self) -> Awaitable[Any]: ...
+
+
+class Dispatch:
+    """Hands ready work to the worker pool: the ready queue, the idle workers (each waits
+    on its own ``Wakeup``), tasks claimed as they were submitted, and the timer."""
+
+    __slots__ = ("_timer_wake", "claimed", "idle", "ready", "stopping")
+
+    def __init__(self, ready: ReadyQueue) -> None:
+        self.ready = ready
+        self.idle: list[Wakeup] = []  # idle workers, most recent last
+        self.claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
+        self.stopping = False  # set at shutdown: workers take no new work
+        self._timer_wake: anyio.Event | None = None
+
+    def reset(self) -> None:
+        self.stopping = False
+        self.idle.clear()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake(len(self.idle))
+
+    def wake(self, n: int) -> None:
+        idle = self.idle
+        while n > 0 and idle:
+            idle.pop().set()
+            n -= 1
+
+    def push(self, task: Task) -> None:
+        """A task ready now."""
+        self.ready.push(task)
+        if self.idle:
+            self.idle.pop().set()
+
+    def enqueue(self, task: Task, scheduled_at: float) -> None:
+        """A task not to start before epoch time ``scheduled_at``."""
+        wait = scheduled_at - time.time()
+        if wait <= 0:
+            self.push(task)
+        elif self.ready.push_delayed(task, anyio.current_time() + wait) and self._timer_wake:
+            self._timer_wake.set()
+
+    def hand_claimed(self, task: Task) -> None:
+        """A task claimed as it was submitted, for the worker reserved for it."""
+        self.claimed.append(task)
+
+    async def timer(self) -> None:
+        """Move delayed tasks (delays, retry backoff) to the ready lanes when they are due."""
+        queue = self.ready
+        while True:
+            now = anyio.current_time()
+            moved = queue.promote(now)
+            if moved:
+                self.wake(moved)
+            due = queue.next_due()
+            wake = self._timer_wake = anyio.Event()
+            with anyio.move_on_after(math.inf if due is None else due - now):
+                await wake.wait()

@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from ._validate import check_priority, check_retry, check_timeout
+
 if TYPE_CHECKING:
     from ._handle import TaskHandle
     from ._manager import BackgroundTaskManager
@@ -105,6 +107,10 @@ class TaskRegistry:
         self.tasks: dict[str, RegisteredTask[Any, Any]] = {}
         self._manager: BackgroundTaskManager | None = None
 
+    def bind(self, manager: BackgroundTaskManager) -> None:
+        """Make ``.submit`` of this registry's tasks go to ``manager``."""
+        self._manager = manager
+
     @property
     def manager(self) -> BackgroundTaskManager:
         if self._manager is None:
@@ -139,11 +145,11 @@ class TaskRegistry:
         priority: int | None = None,
     ) -> Any:
         """Register an ``async def`` function: ``@registry.task`` or ``@registry.task(...)``."""
-        return self._task(
+        return self.define(
             fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
         )
 
-    def _task(
+    def define(
         self,
         fn: Callable[..., Coroutine[Any, Any, Any]] | None,
         *,
@@ -153,8 +159,7 @@ class TaskRegistry:
         queue: str | None,
         priority: int | None,
     ) -> Any:
-        from ._validate import check_priority, check_retry, check_timeout
-
+        """``task``'s untyped body (the manager's ``task`` shares it)."""
         options = {
             "timeout": check_timeout(timeout, "timeout"),
             "retry": check_retry(retry, "retry"),

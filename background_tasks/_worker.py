@@ -1,16 +1,18 @@
-"""The dispatcher: a fixed pool of workers, each taking the best ready task and running it.
+"""The dispatcher's workers: a fixed pool, each taking the best ready task and running it.
 
-take -> claim -> run_attempt -> decide (retry policy) -> manager transition. Workers are
+take -> claim -> run_attempt -> decide (retry policy) -> the state writer. Workers are
 started once; no task group, limiter or event is created per job (an idle worker waits on
-one event), and each worker keeps one cancel scope until a cancel or timeout uses it up.
+one wake-up), and each worker keeps one cancel scope until a cancel or timeout uses it
+up. A worker sees only its collaborators: the dispatch (work and wake-ups) and the
+writer (every status change).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -20,11 +22,11 @@ from ._events import log
 from ._states import TaskStatus
 
 if TYPE_CHECKING:
-    from ._manager import BackgroundTaskManager
-    from ._queue import ReadyQueue
+    from ._queue import Dispatch, Wakeup
     from ._task import Task
+    from ._writer import StateWriter
 
-__all__ = ["Wakeup", "decide", "wakeup_class", "worker_loop"]
+__all__ = ["decide", "wakeup_class", "worker_loop"]
 
 #: A worker yields to the event loop after this many tasks in a row: tasks that finish
 #: without awaiting would otherwise run back to back and starve everything else.
@@ -32,14 +34,6 @@ _FAIR_SHARE = 64
 
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
-
-
-class Wakeup(Protocol):
-    """What an idle worker waits on (``manager._idle``): set once, one waiter."""
-
-    def set(self) -> None: ...
-
-    def wait(self) -> Awaitable[Any]: ...
 
 
 class _FutureWakeup:
@@ -72,39 +66,42 @@ def wakeup_class() -> Callable[[], Wakeup]:
     return type(anyio.Event())  # pragma: no cover - anyio has no third backend today
 
 
-async def worker_loop(manager: BackgroundTaskManager) -> None:
-    queue = manager._queue
-    idle = manager._idle
-    claimed = manager._claimed
-    event_cls = manager._wakeup_cls
-    scope_cls = manager._scope_cls
-    in_memory = manager.journal is None
+async def worker_loop(
+    dispatch: Dispatch,
+    writer: StateWriter,
+    wakeup_cls: Callable[[], Wakeup],
+    scope_cls: Callable[[], anyio.CancelScope],
+) -> None:
+    queue = dispatch.ready
+    idle = dispatch.idle
+    claimed = dispatch.claimed
+    in_memory = writer.journal is None
     streak = 0  # tasks run since this worker last let others run
-    while not manager._closing:
+    while not dispatch.stopping:
         scope = scope_cls()
         current: Task | None = None  # the task whose attempt a cancellation would cut short
         try:
             with scope:
-                while not manager._closing and not scope.cancel_called:
+                while not dispatch.stopping and not scope.cancel_called:
                     task = claimed.popleft() if claimed else queue.pop()
                     if task is None:
-                        event = event_cls()
+                        event = wakeup_cls()
                         idle.append(event)
                         await event.wait()
                         continue
                     try:
                         current = task
                         if not in_memory:
-                            await _run_journaled(manager, task, scope)
-                        elif _start(manager, task):  # in memory: no coroutine of our own
-                            _end(manager, task, *await run_attempt(task, manager, scope))
+                            await _run_journaled(dispatch, writer, task, scope)
+                        elif writer.start(task):  # in memory: no coroutine of our own
+                            _end(dispatch, writer, task, *await run_attempt(task, writer, scope))
                         current = None
                     except Exception:  # a bug or a journal failure must not stop the worker
                         current = None
                         log.exception("worker_error", task_id=task.id, name=task.name)
                     finally:
                         if current is None and queue.release(task.queue):
-                            manager._wake(1)
+                            dispatch.wake(1)
                     if in_memory:  # a journaled task awaited its writes: no streak there
                         streak += 1
                         if streak >= _FAIR_SHARE:  # tasks that never await must not starve
@@ -113,55 +110,46 @@ async def worker_loop(manager: BackgroundTaskManager) -> None:
         except BaseException:  # cancelled from outside (the app's scope): record, then go
             if current is not None:
                 current.interrupted = True
-                await _cut_short(manager, queue, current)
+                await _cut_short(dispatch, writer, current)
             raise
         if current is not None:  # this worker's scope was cancelled inside the attempt
-            await _cut_short(manager, queue, current)
+            await _cut_short(dispatch, writer, current)
 
 
-async def _cut_short(manager: BackgroundTaskManager, queue: ReadyQueue, task: Task) -> None:
+async def _cut_short(dispatch: Dispatch, writer: StateWriter, task: Task) -> None:
     try:
         with anyio.CancelScope(shield=True):
-            await _record(manager, task, *cut_short(task))
+            await _record(dispatch, writer, task, *cut_short(task))
     finally:
-        if queue.release(task.queue):
-            manager._wake(1)
+        if dispatch.ready.release(task.queue):
+            dispatch.wake(1)
 
 
-def _start(manager: BackgroundTaskManager, task: Task) -> bool:
-    status = task.status
-    if status is not PENDING and status is not RETRYING:
-        return False  # cancelled while queued
-    manager._start(task)
-    manager._running_tasks.add(task)
-    return True
-
-
-def _end(manager: BackgroundTaskManager, task: Task, ended: Ended, value: Any) -> None:
-    manager._running_tasks.discard(task)
+def _end(dispatch: Dispatch, writer: StateWriter, task: Task, ended: Ended, value: Any) -> None:
     if ended is Ended.OK and not task.cancel_requested:
-        manager._complete(task, value)
+        writer.complete(task, value)
         return
+    writer.table.running.discard(task)
     target, result, error, retry_at = decide(task, ended, value)
-    manager._commit(task, target, time.time(), result, error, retry_at)
+    writer.commit(task, target, time.time(), result, error, retry_at)
     if target is RETRYING:
-        manager._enqueue(task, retry_at)
+        dispatch.enqueue(task, retry_at)
 
 
 async def _run_journaled(
-    manager: BackgroundTaskManager, task: Task, scope: anyio.CancelScope
+    dispatch: Dispatch, writer: StateWriter, task: Task, scope: anyio.CancelScope
 ) -> None:
-    if task.status is RUNNING:  # claimed as it was submitted (``_submit_claimed``)
+    if task.status is RUNNING:  # claimed as it was submitted
         if task.remote:
             return
-    elif not await manager._claim(task):
+    elif not await writer.claim(task):
         return
     if task.cancel_requested:  # cancelled while the claim was being written
-        await manager._finish(task, CANCELLED)
+        await writer.finish(task, CANCELLED)
         return
-    ended, value = await run_attempt(task, manager, scope)
+    ended, value = await run_attempt(task, writer, scope)
     if ended is Ended.OK and not task.cancel_requested and not scope.cancel_called:
-        done = manager._complete_soon(task, value)
+        done = writer.complete_soon(task, value)
         if done is not False:
             if done is not True:
                 await done  # it leads the next batch
@@ -173,23 +161,27 @@ async def _run_journaled(
     # leader of the batch still commits it, and this manager's stale copy is fenced.)
     if scope.cancel_called:
         with anyio.CancelScope(shield=True):
-            await _record(manager, task, ended, value)
+            await _record(dispatch, writer, task, ended, value)
     else:
-        await _record(manager, task, ended, value)
+        await _record(dispatch, writer, task, ended, value)
 
 
-async def _record(manager: BackgroundTaskManager, task: Task, ended: Ended, value: Any) -> None:
+async def _record(
+    dispatch: Dispatch, writer: StateWriter, task: Task, ended: Ended, value: Any
+) -> None:
     """Write how an attempt ended; the slow path, for journals and cut-short attempts."""
     if task.status is not RUNNING:
         return
     if ended is Ended.CANCELLED and not task.cancel_requested:
-        await manager._interrupt(task)  # shutdown: not a failure
+        await writer.interrupt(task)  # shutdown: not a failure
         return
     target, result, error, retry_at = decide(task, ended, value)
     try:
-        await manager._finish(task, target, result=result, error=error, retry_at=retry_at)
+        again = await writer.finish(task, target, result=result, error=error, retry_at=retry_at)
     except SerializationError as exc:  # a result the journal cannot hold: fail, no retry
-        await manager._finish(task, FAILED, error=exc)
+        again = await writer.finish(task, FAILED, error=exc)
+    if again:
+        dispatch.enqueue(task, task.scheduled_at)
 
 
 def decide(

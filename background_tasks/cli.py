@@ -31,11 +31,12 @@ from typing import Any, NoReturn
 
 import anyio
 
-from ._durable import cancel_row, record, requeue_row
 from ._errors import BackgroundTasksError, InvalidTransition
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
+from ._writer import cancel_row, requeue_row
 from .journal._protocol import Journal, TaskRow
+from .journal._rows import record
 from .journal.sqlite import SQLiteJournal
 
 try:

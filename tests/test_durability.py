@@ -739,3 +739,50 @@ def test_a_cancel_accepted_for_a_task_whose_owner_died_is_not_lost(
     assert cancelled is True
     assert outcome == "cancelled", [m["label"] for m in read_markers(markers)]
     assert rows(journal)[task_id]["status"] == "cancelled"
+
+
+# ----------------------------------------------------------------------------- 9. takeover
+
+
+def test_the_takeover_of_a_crashed_owners_task_is_one_transition(
+    tmp_path: Path, spawn: Spawn, debug_events: list[dict[str, Any]]
+) -> None:
+    """kill -9 of the process running a task; a manager started afterwards takes the task
+    over through the state writer: one ``task_transition`` event from running (to pending,
+    by the new owner) and one history line for it, then it runs to completion there."""
+    journal, markers = tmp_path / "tasks.db", tmp_path / "markers.jsonl"
+    spec = json.dumps([{"name": "slow", "args": [str(markers), 60]}])
+    child = spawn(journal, "--lease", 0.5, "--submit", spec, name="dead")
+    task_id = child.wait_event("accepted")["id"]
+    wait_for("the attempt to start", lambda: read_markers(markers))
+    child.kill9()
+
+    async def take_over() -> tuple[str, list[tuple[Any, Any]]]:
+        manager = BackgroundTaskManager(journal=SQLiteJournal(journal, lease_timeout=0.5))
+        register(manager, "heir")
+        async with manager:
+            with anyio.fail_after(30):
+                while True:  # until its second attempt started here
+                    record = await manager.get(task_id)
+                    if record is not None and record.attempts >= 2:
+                        break
+                    await anyio.sleep(0.02)
+            await manager.cancel(task_id)  # the 60 s attempt has proved the takeover
+            return manager.owner, [(h.source, h.target) for h in await manager.history(task_id)]
+
+    owner, history = anyio.run(take_over)
+    moves = [e for e in debug_events if e["event"] == "task_transition" and e["task_id"] == task_id]
+    assert [(e["from"], e["to"]) for e in moves][:2] == [
+        ("running", "pending"),
+        ("pending", "running"),
+    ]
+    assert sum(1 for e in moves if e["from"] == "running" and e["to"] == "pending") == 1
+    assert history[:4] == [
+        (None, TaskStatus.PENDING),
+        (TaskStatus.PENDING, TaskStatus.RUNNING),
+        (TaskStatus.RUNNING, TaskStatus.PENDING),  # the takeover, one line
+        (TaskStatus.PENDING, TaskStatus.RUNNING),
+    ]
+    taken = next(h for h in histories(journal)[task_id] if h["source"] == "running")
+    assert taken["target"] == "pending"
+    assert taken["owner"] == owner

@@ -83,11 +83,13 @@ async def test_a_task_raising_cancelled_error_itself(anyio_backend: str) -> None
 
 
 async def test_a_task_cancelling_itself() -> None:
+    manager = BackgroundTaskManager()
+
     async def self_cancel() -> None:
-        await current_task()._manager.cancel(current_task().id)
+        await manager.cancel(current_task().id)
         raise AssertionError("not reached")
 
-    async with BackgroundTaskManager() as manager:
+    async with manager:
         handle = await manager.submit(self_cancel)
         with pytest.raises(TaskCancelled):
             await handle
@@ -95,12 +97,13 @@ async def test_a_task_cancelling_itself() -> None:
 
 
 async def test_a_task_submitting_tasks() -> None:
+    manager = BackgroundTaskManager(max_concurrency=2)
+
     async def parent(n: int) -> int:
-        manager = current_task()._manager
         children = [await manager.submit(value, i) for i in range(n)]
         return sum([await child for child in children])
 
-    async with BackgroundTaskManager(max_concurrency=2) as manager:
+    async with manager:
         assert await (await manager.submit(parent, 5)) == 10
 
 

@@ -1,0 +1,148 @@
+"""The journal watcher: recovery on start, then the service loop of a journaled manager
+(the lease heartbeat, the takeover of dead owners' tasks, and the changes other managers
+sharing the journal make).
+
+It changes no status itself: takeovers go through the state writer, and a row another
+manager moved on makes the task held here ``lose`` it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._errors import BackgroundTasksError
+from ._events import log
+from ._states import TaskStatus
+from .journal._protocol import Journal, NotifyingJournal, TaskRow
+
+if TYPE_CHECKING:
+    from ._queue import Dispatch
+    from ._registry import TaskRegistry
+    from ._retry import RetryPolicy
+    from ._table import TaskTable
+    from ._task import Task
+    from ._writer import StateWriter
+
+__all__ = ["JournalSync"]
+
+RUNNING = TaskStatus.RUNNING
+
+
+class JournalSync:
+    """Keeps this process's view of a shared journal current."""
+
+    __slots__ = (
+        "cursor",
+        "default_retry",
+        "dispatch",
+        "journal",
+        "poll_interval",
+        "registry",
+        "run_tasks",
+        "table",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        journal: Journal,
+        writer: StateWriter,
+        table: TaskTable,
+        dispatch: Dispatch,
+        registry: TaskRegistry,
+        default_retry: RetryPolicy | None,
+        run_tasks: bool,
+        poll_interval: float,
+    ) -> None:
+        self.journal = journal
+        self.writer = writer
+        self.table = table
+        self.dispatch = dispatch
+        self.registry = registry
+        self.default_retry = default_retry
+        self.run_tasks = run_tasks
+        self.poll_interval = poll_interval
+        self.cursor = 0
+
+    def take(self, row: TaskRow) -> Task | None:
+        """Hold and queue a runnable row here; None if this process does not run it (its
+        name is not registered here, or this manager runs no tasks)."""
+        if row.id in self.table.tasks or not self.run_tasks:
+            return None
+        registered = self.registry.tasks.get(row.name)
+        if registered is None:
+            return None  # another process may run it
+        base = registered.options_["retry"] or self.default_retry
+        task = self.writer.adopt(row, registered.name, registered.fn, base)
+        self.dispatch.enqueue(task, row.scheduled_at)
+        return task
+
+    async def take_over_expired(self) -> None:
+        """RUNNING rows whose lease ended: each taken over by the writer, and run here
+        if it goes back to PENDING."""
+        now = time.time()
+        for row in await self.journal.expired(now):
+            taken = await self.writer.take_over(row, now)
+            if taken is not None:
+                self.seen(taken)
+
+    async def recover(self) -> None:
+        """On start: dead owners' tasks taken over, then every runnable row queued here."""
+        await self.take_over_expired()
+        rows, self.cursor = await self.journal.runnable()
+        for row in rows:
+            self.take(row)
+
+    async def serve(self) -> None:
+        """Heartbeat (every lease/3), takeover (every lease/2), and others' changes."""
+        journal = self.journal
+        owner = self.writer.owner
+        lease = journal.lease_timeout
+        next_renew = next_reclaim = anyio.current_time()
+        # A journal that can push changes (PostgreSQL's LISTEN/NOTIFY) wakes this loop
+        # early; the others are polled every poll_interval.
+        notifying = journal if isinstance(journal, NotifyingJournal) else None
+        while True:
+            try:
+                now = anyio.current_time()
+                if now >= next_renew:
+                    next_renew = now + lease / 3
+                    await journal.renew(owner, time.time() + lease)
+                if now >= next_reclaim:
+                    next_reclaim = now + lease / 2
+                    await self.take_over_expired()
+                rows, self.cursor = await journal.changes(self.cursor, owner)
+                for row in rows:
+                    self.seen(row)
+                if notifying is None:
+                    await anyio.sleep(self.poll_interval)
+                else:  # at most 1 s, so a cancel from elsewhere still lands within a second
+                    now = anyio.current_time()
+                    timeout = max(0.01, min(1.0, next_renew - now, next_reclaim - now))
+                    await notifying.wait_for_changes(timeout)
+            except BackgroundTasksError as exc:
+                log.error("journal_error", error=str(exc))
+                await anyio.sleep(self.poll_interval)
+
+    def seen(self, row: TaskRow) -> None:
+        """React to a row another manager wrote (or a takeover this one wrote)."""
+        table = self.table
+        task = table.tasks.get(row.id)
+        if task is not None and task.busy:
+            return  # our own write for it is in flight; its outcome decides
+        if row.status is RUNNING and row.owner == self.writer.owner:
+            if task is not None and row.cancel_requested and not task.cancel_requested:
+                task.cancel_requested = True
+                if task.scope is not None:
+                    task.scope.cancel()
+            return
+        if task is not None and row.version > task.version and task.status is not RUNNING:
+            self.writer.lose(task)  # someone else moved it on
+            task = None
+        if row.status.is_terminal:
+            table.wake(row.id)
+        elif row.status is not RUNNING and task is None and not self.dispatch.stopping:
+            self.take(row)
