@@ -21,7 +21,7 @@ from datetime import timedelta
 from functools import partial
 from inspect import CO_COROUTINE
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import anyio
 
@@ -46,7 +46,7 @@ from ._states import TRANSITIONS, TaskStatus, check_transition
 from ._task import Task
 from ._validate import check_delay, check_priority, check_retry, check_timeout
 from ._worker import Wakeup, wakeup_class, worker_loop
-from .journal._protocol import Change, Journal, TaskRow
+from .journal._protocol import Change, ClaimingJournal, Journal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
 
@@ -172,7 +172,7 @@ class BackgroundTaskManager:
         self._idle: list[Wakeup] = []  # idle workers, each waiting on its own
         self._running_tasks: set[Task] = set()
         self._claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
-        self._claims_on_insert = bool(getattr(journal, "claims_on_insert", False))
+        self._claims_on_insert = isinstance(journal, ClaimingJournal)
         self._apply_soon: Callable[..., Awaitable[None] | None] | None = getattr(
             journal, "apply_soon", None
         )  # optional on a journal (Journal.apply): completions that do not wait
@@ -524,15 +524,14 @@ class BackgroundTaskManager:
         if it fails. A submitter cancelled while the write is in flight leaves the task
         to ``_adopt``, so that a stored claim never goes without a worker.
         """
-        journal = self.journal
-        assert journal is not None
+        journal = cast(ClaimingJournal, self.journal)  # _claims_on_insert said so
         worker = self._idle.pop()
         now = task.created_at
         row.status, row.version, row.attempts = RUNNING, 1, 1
         row.owner, row.started_at = self.owner, now
         row.lease_until = now + journal.lease_timeout
         try:
-            stored = await journal.insert(row)
+            stored = await journal.insert_claimed(row)
         except BaseException as exc:
             self._unreserve(task, worker)
             if not isinstance(exc, Exception) and self._tg is not None:  # cancelled
