@@ -88,7 +88,7 @@ from ._errors import InvalidTransition, JournalError
 from ._models import ErrorInfo, TransitionRecord
 from ._states import TaskStatus
 from .journal._group_commit import GroupCommit, purge_in_steps
-from .journal._protocol import Change, TaskRow
+from .journal._protocol import Change, InspectableJournal, NotifyingJournal, TaskRow
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresJournal"]
 
@@ -353,10 +353,16 @@ class _Apply(_Op):
         tx.flush()
         c = self.change
         source = c.source.value
-        params = (
-            c.target.value, tx.j._owner, *self.params, c.task_id, c.version, source,
-            source, c.attempt, c.at, c.owner, c.fields.get("error_json"),
-        )  # fmt: skip
+        if c.lease_before is None:
+            params: tuple[Any, ...] = (
+                c.target.value, tx.j._owner, *self.params, c.task_id, c.version, source,
+                source, c.attempt, c.at, c.owner, c.fields.get("error_json"),
+            )  # fmt: skip
+        else:  # the statement has one more condition: lease_until < %s
+            params = (
+                c.target.value, tx.j._owner, *self.params, c.task_id, c.version, source,
+                c.lease_before, source, c.attempt, c.at, c.owner, c.fields.get("error_json"),
+            )  # fmt: skip
         if tx.pending is not None:  # pipelined: the result is read by tx.resolve()
             cur = tx.cur.connection.cursor()
             cur.execute(self.sql, params)
@@ -565,6 +571,12 @@ def _statements(s: str) -> dict[str, str]:
         "history": "SELECT task_id, source, target, attempt, at, owner, error_json"
         " FROM @.history WHERE task_id = %s ORDER BY seq",
         "counts": "SELECT status, count(*) FROM @.tasks GROUP BY status",
+        "expired_rows": f"SELECT {_COLS} FROM @.tasks"
+        " WHERE status = 'running' AND lease_until < %s ORDER BY id",
+        "counts_by_queue": "SELECT queue, status, count(*) FROM @.tasks GROUP BY queue, status",
+        "finished_since": "SELECT status, count(*) FROM @.tasks"
+        f" WHERE finished_at >= %s AND status IN {_TERMINAL} GROUP BY status",
+        "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
     }
     insert_keyed = sql["insert"] + (
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {_LIVE} DO NOTHING"
@@ -588,7 +600,7 @@ def _statements(s: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- the journal
 
 
-class PostgresJournal:
+class PostgresJournal(NotifyingJournal, InspectableJournal):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
     ``dsn`` is a libpq connection string or URI (``postgresql://user:pw@host/db``);
@@ -648,7 +660,8 @@ class PostgresJournal:
         self._lconn: psycopg.Connection[Any] | None = None
         self._read_lock: anyio.Lock | None = None
         self._commits = GroupCommit(self._write_batch, MAX_BATCH)
-        self._sql_cache: dict[tuple[tuple[str, ...], bool], str] = {}
+        #: apply's statements by (field names, clears the cancel request, lease_before)
+        self._sql_cache: dict[tuple[tuple[str, ...], bool, bool], str] = {}
         self._listening: anyio.CancelScope | None = None
         self._listen_done: anyio.Event | None = None
         self._wake: anyio.Event | None = None
@@ -941,7 +954,8 @@ class PostgresJournal:
         fields = change.fields
         names = tuple(fields)
         clear = change.target in _CLEARS_CANCEL and "cancel_requested" not in fields
-        sql = self._sql_cache.get((names, clear))
+        key = (names, clear, change.lease_before is not None)
+        sql = self._sql_cache.get(key)
         if sql is None:
             bad = [n for n in names if n not in _SETTABLE]
             if bad:
@@ -955,11 +969,13 @@ class PostgresJournal:
                 " version = version + 1, writer = %s"
                 + sets
                 + (", cancel_requested = false" if clear else "")
-                + f" WHERE id = %s AND version = %s AND status = %s RETURNING {_COLS}),"
+                + " WHERE id = %s AND version = %s AND status = %s"
+                + (" AND lease_until < %s" if key[2] else "")
+                + f" RETURNING {_COLS}),"
                 f' h AS (INSERT INTO "{self.schema}".history SELECT id, version, %s, status,'
                 " %s, %s, %s, %s FROM u" + _HISTORY_CONFLICT + f") SELECT {_COLS} FROM u"
             )
-            self._sql_cache[(names, clear)] = sql
+            self._sql_cache[key] = sql
         result: TaskRow | None = await self._write(_Apply(change, sql, list(fields.values())))
         return result is not None
 
@@ -976,6 +992,7 @@ class PostgresJournal:
         await self._write(_Renew(owner, lease_until))
 
     async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
+        """Deprecated, to be removed (see ``Journal.reclaim``)."""
         result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
         return result
 
@@ -1099,6 +1116,12 @@ class PostgresJournal:
         rev = 0 if found is None else int(found[0])
         return [_to_row(r) for r in cur.execute(sql, params(rev))], rev
 
+    async def expired(self, now: float) -> builtins.list[TaskRow]:
+        def read(cur: psycopg.Cursor[Any]) -> builtins.list[TaskRow]:
+            return [_to_row(r) for r in cur.execute(self._sql["expired_rows"], (now,))]
+
+        return await self._read(read)
+
     async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
         sql = self._sql["runnable"]
         return await self._read(lambda cur: self._rows_and_rev(cur, sql, lambda rev: ()))
@@ -1120,6 +1143,34 @@ class PostgresJournal:
         for status, n in await self._read(read):
             counts[_STATUS[status]] = n
         return counts
+
+    # ------------------------------------------------------------------ InspectableJournal
+    # For ``bgtasks status``; the same semantics as SQLite's. counts_by_queue reads the
+    # whole table (an index on (queue, status) would cost every status change a write).
+
+    async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
+        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[str, str, int]]:
+            return cur.execute(self._sql["counts_by_queue"]).fetchall()
+
+        return {(queue, _STATUS[status]): n for queue, status, n in await self._read(read)}
+
+    async def finished_since(self, since: float) -> dict[TaskStatus, int]:
+        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[str, int]]:
+            return cur.execute(self._sql["finished_since"], (since,)).fetchall()
+
+        counts = {s: 0 for s in TaskStatus if s.is_terminal}
+        for status, n in await self._read(read):
+            counts[_STATUS[status]] = n
+        return counts
+
+    async def oldest(self, status: TaskStatus) -> TaskRow | None:
+        value = TaskStatus(status).value
+
+        def read(cur: psycopg.Cursor[Any]) -> TaskRow | None:
+            found = cur.execute(self._sql["oldest"], (value,)).fetchone()
+            return None if found is None else _to_row(found)
+
+        return await self._read(read)
 
     # ------------------------------------------------------------------ notifications
 

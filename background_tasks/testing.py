@@ -17,6 +17,10 @@ The suite needs only pytest and anyio's pytest plugin (it marks its tests ``anyi
 storage opened with owner ``PEER`` (another process, as far as the contract can tell).
 ``make_row`` and ``claim`` build rows and changes for tests of your own; ``applied``
 applies a change that must apply and returns the row as stored after it.
+
+The tests of an optional capability (``ClaimingJournal``, ``BatchingJournal``,
+``NotifyingJournal``, ``InspectableJournal``) run when the journal is an instance of it,
+and are skipped, saying so, when it is not.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -35,10 +39,19 @@ import pytest
 
 from ._errors import InvalidTransition
 from ._states import TaskStatus
-from .journal._protocol import Change, Journal, TaskRow
+from .journal._protocol import (
+    BatchingJournal,
+    Change,
+    ClaimingJournal,
+    InspectableJournal,
+    Journal,
+    NotifyingJournal,
+    TaskRow,
+)
 
 __all__ = [
     "OWNER", "PEER", "JournalContract", "applied", "claim", "finish", "make_row", "opened",
+    "takeover",
 ]  # fmt: skip
 
 OWNER = "owner-a"
@@ -111,6 +124,18 @@ def finish(row: TaskRow, target: TaskStatus = C, **fields: Any) -> Change:
     values: dict[str, Any] = {"finished_at": at, "owner": None, "lease_until": None}
     values.update(fields)
     return Change(row.id, row.version, row.status, target, row.attempts, at, row.owner, values)
+
+
+def takeover(row: TaskRow, owner: str, now: float) -> Change:
+    """The change that puts ``row``, RUNNING with a lease that ended before ``now``, back
+    to PENDING for ``owner``: only if the lease did not move past ``now`` meanwhile."""
+    fields = {"recoveries": row.recoveries + 1, "owner": None, "lease_until": None}
+    return Change(row.id, row.version, R, P, row.attempts, now, owner, fields, lease_before=now)
+
+
+def _capable(journal: Journal, capability: type[Any]) -> None:
+    if not isinstance(journal, capability):
+        pytest.skip(f"{type(journal).__name__} is not a {capability.__name__}")
 
 
 async def applied(journal: Journal, change: Change) -> TaskRow:
@@ -526,6 +551,83 @@ class JournalContract:
         last = (await journal.history(asked.id))[-1]
         assert (last.source, last.target) == (R, X)
 
+    async def test_expired_lists_running_rows_whose_lease_ended(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        now = time.time()
+        stale = await applied(
+            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
+        )
+        older = await applied(
+            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
+        )
+        ends_now = await applied(journal, claim(await journal.insert(make_row()), lease=0, now=now))
+        live = await self.running(journal)
+        await journal.insert(make_row())
+        assert await peer.expired(now) == [stale, older]  # oldest first; "before": not at
+        assert await journal.expired(now + 1) == [stale, older, ends_now]
+        assert await journal.expired(now - 1000) == []
+        assert await journal.get(live.id) == live  # a read: nothing changed
+        assert await journal.get(stale.id) == stale
+
+    async def test_a_takeover_applies_only_to_a_lease_not_renewed(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        now = time.time()
+        stale = await applied(
+            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
+        )
+        [seen] = await peer.expired(now)
+        await journal.renew(OWNER, now + 30)  # the owner's heartbeat comes first
+        assert await peer.apply(takeover(seen, PEER, now)) is False
+        renewed = await journal.get(stale.id)
+        assert renewed is not None
+        assert (renewed.status, renewed.version, renewed.lease_until) == (R, 1, now + 30)
+        assert len(await journal.history(stale.id)) == 2
+        assert await peer.expired(now) == []
+        back = await applied(peer, takeover(renewed, PEER, now + 31))
+        assert (back.status, back.recoveries, back.owner, back.lease_until) == (P, 1, None, None)
+        lines = await journal.history(stale.id)
+        assert [(h.source, h.target, h.attempt, h.owner) for h in lines] == [
+            (None, P, 0, None), (P, R, 1, OWNER), (R, P, 1, PEER),
+        ]  # fmt: skip
+        assert abs(lines[-1].at.timestamp() - (now + 31)) < 1e-3
+
+    async def test_takeovers_share_a_batch_with_other_changes(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        """Started together, so that a journal that batches writes puts them in one."""
+        now = time.time()
+        dead = [
+            await applied(journal, claim(await journal.insert(make_row()), lease=1, now=now - 9))
+            for _ in range(3)
+        ]
+        pending = [await journal.insert(make_row()) for _ in range(3)]
+        alive = await applied(journal, claim(await journal.insert(make_row()), lease=60, now=now))
+        changes = [takeover(row, PEER, now) for row in dead]
+        changes.append(takeover(alive, PEER, now))  # its lease has not ended: refused
+        changes += [claim(row, PEER) for row in pending[1:]]
+        stale = claim(pending[0], PEER)
+        stale.version += 1  # refused
+        changes.append(stale)
+        results: dict[int, bool] = {}
+
+        async def apply(i: int) -> None:
+            results[i] = await peer.apply(changes[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(changes)):
+                tg.start_soon(apply, i)
+        expected = [True, True, True, False, True, True, False]
+        assert [results[i] for i in range(len(changes))] == expected
+        for row in dead:
+            stored = await journal.get(row.id)
+            assert stored is not None
+            assert (stored.status, stored.version, stored.recoveries) == (P, 2, 1)
+            assert len(await journal.history(row.id)) == 3
+        assert await journal.get(alive.id) == alive
+        assert await journal.get(pending[0].id) == pending[0]
+
     async def test_requeue_into_a_key_another_task_holds_is_an_invalid_transition(
         self, journal: Journal
     ) -> None:
@@ -539,6 +641,192 @@ class JournalContract:
         assert await journal.get(cancelled.id) == cancelled
         await applied(journal, finish(second, X))
         await applied(journal, requeue)  # the key is free again
+
+    # ------------------------------------------------------------------ ClaimingJournal
+
+    @staticmethod
+    def claimed_row(owner: str = OWNER, **overrides: Any) -> TaskRow:
+        """A new row as a manager with an idle worker makes it before ``insert_claimed``."""
+        now = time.time()
+        values: dict[str, Any] = {
+            "status": R, "version": 1, "attempts": 1, "owner": owner, "started_at": now,
+            "lease_until": now + 30,
+        }  # fmt: skip
+        values.update(overrides)
+        return make_row(**values)
+
+    async def test_insert_claimed_stores_the_row_with_two_history_lines(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        _capable(journal, ClaimingJournal)
+        assert isinstance(journal, ClaimingJournal)
+        _, cursor = await peer.changes(0, PEER)
+        rows = [
+            self.claimed_row(),
+            self.claimed_row(options_json='{"timeout": 5}', priority=3, queue="q"),
+            self.claimed_row(lease_until=None, args_json="[0]"),
+        ]
+        stored: dict[str, TaskRow] = {}
+
+        async def insert(row: TaskRow) -> None:
+            stored[row.id] = await journal.insert_claimed(row)
+
+        async with anyio.create_task_group() as tg:  # a batching journal: one batch
+            for row in rows:
+                tg.start_soon(insert, row)
+        for row in rows:
+            assert stored[row.id] == row
+            assert await peer.get(row.id) == row  # every column, NULLs included
+            lines = await peer.history(row.id)
+            assert [(h.source, h.target, h.attempt, h.owner) for h in lines] == [
+                (None, P, 0, OWNER),
+                (P, R, 1, OWNER),
+            ]
+            assert [h.at.timestamp() for h in lines] == pytest.approx(
+                [row.created_at, row.started_at]
+            )
+        seen, _ = await peer.changes(cursor, PEER)
+        assert {r.id for r in seen} == {r.id for r in rows}
+        done = await applied(journal, finish(rows[0], result_json="1"))  # at version 1
+        assert (done.status, done.version) == (C, 2)
+
+    async def test_insert_claimed_with_the_key_of_a_live_task_stores_nothing(
+        self, journal: Journal
+    ) -> None:
+        _capable(journal, ClaimingJournal)
+        assert isinstance(journal, ClaimingJournal)
+        live = await journal.insert(make_row(key="k"))
+        again = self.claimed_row(key="k")
+        assert (await journal.insert_claimed(again)).id == live.id
+        assert await journal.get(again.id) is None
+        assert await journal.history(again.id) == []
+        fresh = self.claimed_row(key="other")
+        assert await journal.insert_claimed(fresh) == fresh
+        assert await journal.get(fresh.id) == fresh
+        assert len(await journal.history(fresh.id)) == 2
+        assert (await journal.insert(make_row(key="other"))).id == fresh.id  # RUNNING: live
+
+    # ------------------------------------------------------------------ BatchingJournal
+
+    async def test_apply_soon_settles_each_change_once(self, journal: Journal) -> None:
+        _capable(journal, BatchingJournal)
+        assert isinstance(journal, BatchingJournal)
+        rows = [await self.running(journal) for _ in range(3)]
+        first = await journal.insert(make_row(key="k"))
+        cancelled = await applied(journal, finish(first, X))
+        await journal.insert(make_row(key="k"))
+        settled: dict[str, list[tuple[bool, BaseException | None]]] = {}
+        all_settled = anyio.Event()
+
+        def settle(label: str) -> Callable[[bool, BaseException | None], None]:
+            def record(ok: bool, error: BaseException | None) -> None:
+                settled.setdefault(label, []).append((ok, error))
+                if len(settled) == 4:
+                    all_settled.set()
+
+            return record
+
+        stale = dataclasses.replace(rows[1], version=0)
+        calls = [
+            (finish(rows[0], result_json="1"), "good"),
+            (finish(stale), "stale"),
+            (Change(cancelled.id, cancelled.version, X, P, 0, time.time(), None), "key taken"),
+            (finish(rows[2], F, error_json=None), "also good"),
+        ]
+        leads = [journal.apply_soon(change, settle(label)) for change, label in calls]
+        async with anyio.create_task_group() as tg:
+            for lead in leads:
+                if lead is not None:
+                    tg.start_soon(_wait, lead)
+        with anyio.fail_after(10):
+            await all_settled.wait()
+        await anyio.sleep(0.05)  # nothing is settled twice
+        assert settled["good"] == [(True, None)]
+        assert settled["stale"] == [(False, None)]
+        assert settled["also good"] == [(True, None)]
+        [(ok, error)] = settled["key taken"]
+        assert ok is False
+        assert isinstance(error, InvalidTransition)
+        done = await journal.get(rows[0].id)
+        assert done is not None
+        assert (done.status, done.result_json) == (C, "1")
+        untouched = await journal.get(rows[1].id)
+        assert untouched == rows[1]
+        assert await journal.get(cancelled.id) == cancelled
+
+        bad = finish(rows[1])
+        bad.fields["nope"] = 1
+        with pytest.raises(ValueError, match="field"):
+            journal.apply_soon(bad, settle("bad"))
+        await anyio.sleep(0.05)
+        assert "bad" not in settled
+
+    # ------------------------------------------------------------------ NotifyingJournal
+
+    async def test_wait_for_changes_wakes_on_another_owners_write(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        _capable(journal, NotifyingJournal)
+        assert isinstance(journal, NotifyingJournal)
+        with anyio.fail_after(1):
+            await journal.wait_for_changes(0)
+            await journal.wait_for_changes(-1)
+        with anyio.fail_after(5):  # may return early (while it sets up), never late
+            await journal.wait_for_changes(0.2)
+        with anyio.fail_after(5):  # until a wait really waits: its notifications are on
+            while True:
+                started = time.monotonic()
+                await journal.wait_for_changes(0.2)
+                if time.monotonic() - started >= 0.15:
+                    break
+        woke: list[float] = []
+
+        async def wait() -> None:
+            started = time.monotonic()
+            await journal.wait_for_changes(30)
+            woke.append(time.monotonic() - started)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.sleep(0.1)
+                await peer.insert(make_row())
+        assert len(woke) == 1
+        with anyio.fail_after(5):  # cancelling a wait ends it at once
+            with anyio.move_on_after(0.1):
+                await journal.wait_for_changes(30)
+
+    # ------------------------------------------------------------------ InspectableJournal
+
+    async def test_counts_by_queue_finished_since_and_oldest(self, journal: Journal) -> None:
+        _capable(journal, InspectableJournal)
+        assert isinstance(journal, InspectableJournal)
+        assert await journal.counts_by_queue() == {}
+        assert await journal.finished_since(0) == {C: 0, F: 0, X: 0}
+        assert await journal.oldest(P) is None
+        first = await journal.insert(make_row(queue="mail"))
+        second = await journal.insert(make_row(queue="mail"))
+        await journal.insert(make_row(queue="img"))
+        running = await applied(journal, claim(await journal.insert(make_row(queue="img"))))
+        early = await applied(journal, finish(running))
+        cut = time.time()
+        await anyio.sleep(0.01)
+        late = await applied(journal, finish(await applied(journal, claim(second)), F))
+        retrying = await applied(
+            journal, finish(await applied(journal, claim(await journal.insert(make_row()))), Y)
+        )
+        assert retrying.finished_at is not None  # RETRYING rows have one, but are not finished
+        assert await journal.counts_by_queue() == {
+            ("mail", P): 1, ("mail", F): 1, ("img", P): 1, ("img", C): 1, ("default", Y): 1,
+        }  # fmt: skip
+        assert await journal.finished_since(cut) == {C: 0, F: 1, X: 0}
+        assert await journal.finished_since(0) == {C: 1, F: 1, X: 0}
+        assert early.finished_at is not None
+        assert late.finished_at is not None
+        assert await journal.finished_since(late.finished_at + 1) == {C: 0, F: 0, X: 0}
+        assert await journal.oldest(P) == first
+        assert await journal.oldest(C) == early
+        assert await journal.oldest(R) is None
 
     # ------------------------------------------------------------------ queries
 
@@ -636,3 +924,7 @@ class JournalContract:
         seen, after = await journal.changes(cursor, OWNER)
         assert [r.id for r in seen] == [new.id]
         assert after > cursor
+
+
+async def _wait(awaitable: Awaitable[None]) -> None:
+    await awaitable

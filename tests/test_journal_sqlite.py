@@ -515,45 +515,7 @@ async def test_one_task_twice_in_a_batch(journal: SQLiteJournal) -> None:
     ]  # fmt: skip
 
 
-# --------------------------------------------------------------------------- CLI reads
-
-
-async def test_counts_by_queue_finished_since_and_oldest(journal: SQLiteJournal) -> None:
-    assert await journal.counts_by_queue() == {}
-    assert await journal.finished_since(0) == {
-        TaskStatus.COMPLETED: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0,
-    }  # fmt: skip
-    assert await journal.oldest(P) is None
-    first = await journal.insert(make_row(queue="mail"))
-    second = await journal.insert(make_row(queue="mail"))
-    await journal.insert(make_row(queue="img"))
-    running = await applied(journal, claim(await journal.insert(make_row(queue="img"))))
-    early = await applied(journal, finish(running))
-    cut = time.time()
-    await anyio.sleep(0.01)
-    late = await applied(journal, finish(await applied(journal, claim(second)), TaskStatus.FAILED))
-    retrying = await applied(
-        journal, finish(await applied(journal, claim(await journal.insert(make_row()))), Y)
-    )
-    assert retrying.finished_at is not None  # RETRYING rows have one, but are not finished
-    assert await journal.counts_by_queue() == {
-        ("mail", P): 1, ("mail", TaskStatus.FAILED): 1, ("img", P): 1, ("img", C): 1,
-        ("default", Y): 1,
-    }  # fmt: skip
-    assert await journal.finished_since(cut) == {
-        TaskStatus.COMPLETED: 0, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 0,
-    }  # fmt: skip
-    assert await journal.finished_since(0) == {
-        TaskStatus.COMPLETED: 1, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 0,
-    }  # fmt: skip
-    assert early.finished_at is not None
-    assert late.finished_at is not None
-    assert await journal.finished_since(late.finished_at + 1) == dict.fromkeys(
-        (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED), 0
-    )
-    assert await journal.oldest(P) == first
-    assert await journal.oldest(C) == early
-    assert await journal.oldest(R) is None
+# --------------------------------------------------------------------------- apply_soon
 
 
 async def test_apply_soon_settles_before_the_batch_wakes_its_waiters(
@@ -676,15 +638,7 @@ async def test_values_that_look_like_the_null_stand_ins_are_stored_as_given(
         ]
 
 
-def claimed_row(**overrides: Any) -> TaskRow:
-    """A row as ``submit`` stores it when it claims the task at once (claims_on_insert)."""
-    now = time.time()
-    fields: dict[str, Any] = {
-        "status": R, "version": 1, "attempts": 1, "owner": OWNER, "started_at": now,
-        "lease_until": now + 30,
-    }  # fmt: skip
-    fields.update(overrides)
-    return make_row(**fields)
+claimed_row = JournalContract.claimed_row  # a row as submit makes it for insert_claimed
 
 
 @pytest.mark.parametrize("rowids", ["consecutive", "random"])
@@ -706,7 +660,7 @@ async def test_rows_claimed_as_submitted_are_stored_with_both_history_lines(
     ]
     async with anyio.create_task_group() as tg:  # one batch
         for row in rows:
-            tg.start_soon(journal.insert, row)
+            tg.start_soon(journal.insert_claimed, row)
     for row in rows:
         stored = await journal.get(row.id)
         assert stored == row  # every column, NULLs included

@@ -7,18 +7,30 @@ which the journal applies only if the row is still at the version the manager sa
 late outcomes from owners whose lease expired, and safe cancel/requeue from anywhere.
 
 All times are epoch seconds (``time.time()``); statuses are ``TaskStatus`` values.
+
+``Journal`` is what every journal must do. What a journal may do besides, and the manager
+uses when it is there, is a protocol of its own, checked with ``isinstance``:
+``ClaimingJournal`` (insert a task already claimed), ``BatchingJournal`` (apply without
+waiting for the commit), ``NotifyingJournal`` (wake up when another process writes) and
+``InspectableJournal`` (the aggregates ``bgtasks status`` shows). Each one extends
+``Journal``; a journal class may subclass the protocols it implements.
+``background_tasks.testing.JournalContract`` tests all of them.
 """
 
 from __future__ import annotations
 
 import builtins
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .._models import TransitionRecord
 from .._states import TaskStatus
 
-__all__ = ["Change", "Journal", "TaskRow"]
+__all__ = [
+    "BatchingJournal", "Change", "ClaimingJournal", "InspectableJournal", "Journal",
+    "NotifyingJournal", "TaskRow",
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -57,6 +69,11 @@ class Change:
     ``fields`` are TaskRow attribute names and their new values (``status`` and
     ``version`` are set by the journal). The history line records ``attempt``, ``at``,
     ``owner`` and ``fields.get("error_json")``.
+
+    ``lease_before``, when set, is one more condition: the row's ``lease_until`` must also
+    be before it (a NULL lease is not). A takeover of an expired lease sets it to the time
+    it found the lease expired, so that it cannot win against the owner's heartbeat
+    renewing the lease meanwhile (``renew`` bumps no version).
     """
 
     task_id: str
@@ -67,6 +84,7 @@ class Change:
     at: float
     owner: str | None
     fields: dict[str, Any] = field(default_factory=dict)
+    lease_before: float | None = None
 
 
 @runtime_checkable
@@ -86,27 +104,19 @@ class Journal(Protocol):
 
         If ``row.key`` is set and a task with that key is not finished, store nothing and
         return that task's row instead (the caller compares ids).
-
-        A journal whose class sets ``claims_on_insert = True`` also takes a row that is
-        already claimed (``status`` RUNNING, ``version`` 1, ``attempts`` 1, ``owner``,
-        ``lease_until``, ``started_at``): it stores the row as it is, with two history
-        lines (submitted, then PENDING -> RUNNING). The manager then claims a task in the
-        transaction that accepts it when a worker is idle, one write instead of two.
         """
 
     async def apply(self, change: Change) -> bool:
         """Apply a change if the row is at ``change.version`` and in ``change.source``;
         the row's version becomes ``change.version + 1``.
 
-        False when the condition did not hold (someone else claimed, cancelled or
-        reclaimed the task). Durable before it returns.
+        With ``change.lease_before`` set, the row's ``lease_until`` must also be before
+        it. False when a condition did not hold (someone else claimed, cancelled or
+        reclaimed the task, or its owner renewed the lease). An applied change writes
+        one history line. Durable before it returns.
 
-        A journal may also offer ``apply_soon(change, settle)``: the same write without
-        waiting for it, ``settle(applied, error)`` called on the event loop once it is
-        committed (or failed), before any caller waiting on the same commit resumes. It
-        is a plain call returning None, or an awaitable that the caller must await when
-        its write has to start the next batch. A worker then records a completion and is
-        free at once (``_complete_soon``).
+        ``ValueError`` (and nothing written) when ``change.fields`` names a field that is
+        not settable (``id``, ``status``, ``version`` or no TaskRow field at all).
         """
 
     async def request_cancel(self, task_id: str) -> TaskRow | None:
@@ -120,8 +130,18 @@ class Journal(Protocol):
     async def renew(self, owner: str, lease_until: float) -> None:
         """Extend the lease of every RUNNING row this owner holds (the heartbeat)."""
 
+    async def expired(self, now: float) -> builtins.list[TaskRow]:
+        """RUNNING rows whose lease ended before ``now``, oldest first (by id).
+
+        The journal decides nothing: the manager chooses each row's target and writes it
+        with ``apply``, with ``Change.lease_before`` set so that a lease renewed in
+        between is not taken over.
+        """
+
     async def reclaim(self, now: float, max_recoveries: int) -> builtins.list[TaskRow]:
-        """RUNNING rows whose lease ended before ``now`` go back to PENDING (recoveries+1),
+        """Deprecated, to be removed: the manager will use ``expired`` and ``apply``.
+
+        RUNNING rows whose lease ended before ``now`` go back to PENDING (recoveries+1),
         or to FAILED once recoveries would exceed ``max_recoveries``, or to CANCELLED when
         a cancel was requested (its owner died before honouring it); returns the new rows."""
 
@@ -150,3 +170,91 @@ class Journal(Protocol):
 
     async def purge(self, older_than: float, batch: int = 1000) -> int:
         """Delete finished rows (and their history) finished before ``older_than``."""
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+@runtime_checkable
+class ClaimingJournal(Journal, Protocol):
+    """A journal that stores a new task already claimed by the manager inserting it.
+
+    A manager with an idle worker then accepts and claims a task in one write instead of
+    two (an ``insert``, then an ``apply`` PENDING -> RUNNING), and the task starts one
+    commit sooner.
+    """
+
+    async def insert_claimed(self, row: TaskRow) -> TaskRow:
+        """Store a new task that its inserting manager has claimed, durably.
+
+        ``row`` is a new task's row as ``insert`` takes it, but for what the claim sets:
+        ``status`` RUNNING, ``version`` 1, ``attempts`` 1, ``owner``, ``lease_until`` and
+        ``started_at`` (the other columns are a new task's: no recoveries, result, error,
+        progress, finish time or cancel request; a journal may rely on that). Store the
+        row as it is, with two history lines: submitted (source None, target PENDING,
+        attempt 0, at ``created_at``), then PENDING -> RUNNING (attempt 1, at
+        ``started_at``), both with ``row.owner``.
+
+        A key is handled as by ``insert``: if ``row.key`` is set and a task with that key
+        is not finished, store nothing and return that task's row (the caller compares
+        ids and gives its claim back).
+        """
+
+
+@runtime_checkable
+class BatchingJournal(Journal, Protocol):
+    """A journal that can apply a change without its caller waiting for the commit.
+
+    A worker then records a completion and is free at once; the manager settles the
+    task in memory when the outcome is known.
+    """
+
+    def apply_soon(
+        self, change: Change, settle: Callable[[bool, BaseException | None], None]
+    ) -> Awaitable[None] | None:
+        """``apply(change)`` without waiting for it.
+
+        ``settle(applied, error)`` is called on the event loop once the write is
+        committed (``applied`` as ``apply`` would return it, ``error`` None) or failed
+        (``applied`` False, ``error`` the exception ``apply`` would raise), before any
+        caller waiting on the same commit resumes.
+
+        Returns None when the write joined a batch that is already on its way, or an
+        awaitable when this call has to start the next batch: the caller must await it.
+        Either way ``settle`` gets the outcome exactly once; the awaitable does not
+        raise it. What ``apply`` refuses before writing anything (a journal that is not
+        open, a field that is not settable) is raised by this call, and ``settle`` is
+        then never called.
+        """
+
+
+@runtime_checkable
+class NotifyingJournal(Journal, Protocol):
+    """A journal that can tell a waiting manager that another process wrote to it
+    (PostgreSQL's LISTEN/NOTIFY), so that ``changes`` need not be polled often."""
+
+    async def wait_for_changes(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for another owner to write to this journal.
+
+        Return early when such a write may have happened (returning early is always
+        safe: the caller reads ``changes`` next), and at once for ``timeout <= 0``. A
+        lost connection to the notifications is not an error: wait out the timeout or
+        return early. Raises JournalError only when the journal is not open; cancelling
+        the wait ends it at once.
+        """
+
+
+@runtime_checkable
+class InspectableJournal(Journal, Protocol):
+    """A journal that answers the aggregates an operator asks for (``bgtasks status``)."""
+
+    async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
+        """How many tasks each queue has in each status: only pairs that occur."""
+
+    async def finished_since(self, since: float) -> dict[TaskStatus, int]:
+        """How many tasks reached COMPLETED, FAILED or CANCELLED at or after ``since``
+        (by ``finished_at``), by status; every one of those three statuses is a key.
+        RETRYING rows carry a ``finished_at`` too but are not finished: not counted."""
+
+    async def oldest(self, status: TaskStatus) -> TaskRow | None:
+        """The earliest created task in ``status`` (ids sort by creation); None if none."""

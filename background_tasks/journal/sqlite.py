@@ -58,7 +58,7 @@ from .._errors import InvalidTransition, JournalError
 from .._models import ErrorInfo, TransitionRecord
 from .._states import TaskStatus
 from ._group_commit import GroupCommit, purge_in_steps
-from ._protocol import Change, TaskRow
+from ._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal"]
 
@@ -180,6 +180,7 @@ _INSERT_HISTORY: Final = (
     f" VALUES ({', '.join(_bound(c, '?') for c in _HISTORY_NAMES)})"
 )
 _LIVE_KEY: Final = _SELECT + " WHERE key = ? AND status IN ('pending', 'running', 'retrying')"
+_EXPIRED: Final = _SELECT + " WHERE status = 'running' AND lease_until < ? ORDER BY id"
 _BUMP_REV: Final = "UPDATE meta SET value = value + 1 WHERE key = 'rev' RETURNING value"
 _READ_REV: Final = "SELECT value FROM meta WHERE key = 'rev'"
 _TERMINAL: Final = "('completed', 'failed', 'cancelled')"
@@ -253,9 +254,6 @@ _CLAIMED: Final[dict[str, Any]] = {
     "version": 1,
 }
 assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(_COLUMNS)
-#: Whether a row is one of those: ``_claimed_fixed(row) == _CLAIMED_VALUES``.
-_claimed_fixed: Final = attrgetter(*_CLAIMED)
-_CLAIMED_VALUES: Final = tuple(_CLAIMED.values())
 
 
 def _sql_literal(value: Any) -> str:
@@ -393,7 +391,7 @@ def _is_busy(exc: BaseException) -> bool:
 class _Shape:
     """The statements for every change with one set of field names, source and target."""
 
-    __slots__ = ("nulls", "source", "sql", "target", "updates")
+    __slots__ = ("lease_sql", "nulls", "source", "sql", "target", "updates")
 
     def __init__(self, names: tuple[str, ...], source: TaskStatus, target: TaskStatus) -> None:
         bad = [n for n in names if n not in _SETTABLE]
@@ -410,6 +408,8 @@ class _Shape:
             f"UPDATE tasks SET status = '{to}', version = version + 1, rev = ?, writer = ?"
             f"{sets}{clear} WHERE id = ? AND version = ? AND status = '{where}'"
         )
+        #: The same for a change with ``lease_before`` (one more parameter, last).
+        self.lease_sql = self.sql + " AND lease_until < ?"
         # Many: (rev, writer, then rows of id, version, *field values). The + keeps SQLite
         # from looking rows up by status (every pending row, say) instead of by id.
         sets = "".join(
@@ -588,12 +588,14 @@ class _Op:
 class _Insert(_Op):
     __slots__ = ("claim", "row")
 
-    def __init__(self, row: TaskRow) -> None:
+    def __init__(self, row: TaskRow, *, claimed: bool = False) -> None:
         super().__init__()
         self.row = row
-        #: A row claimed as it was submitted goes as ``_claim_values`` only (``_Writer``).
+        #: A row claimed as it was submitted (``insert_claimed``) goes as its flag,
+        #: ``_claim_values`` and three nullable columns only (``_Writer._claims``); the
+        #: other columns are ``_CLAIMED``'s.
         self.claim: tuple[Any, ...] | None = None
-        if _claimed_fixed(row) == _CLAIMED_VALUES:
+        if claimed:
             options, owner, lease = row.options_json, row.owner, row.lease_until
             self.claim = (
                 1,
@@ -617,7 +619,7 @@ class _Insert(_Op):
     def history(self, lines: list[tuple[Any, ...]]) -> None:
         row = self.row
         owner = 0 if row.owner is None else row.owner  # 0: NULL (_NULL_AS)
-        if row.status is TaskStatus.RUNNING and row.version == 1:  # claimed as submitted
+        if self.claim is not None:  # claimed as submitted
             # (the fast path writes these two with _CLAIM_HISTORY instead)
             lines.append((row.id, 0, 0, "pending", 0, row.created_at, owner, 0))
             lines.append((row.id, 1, "pending", "running", 1, row.started_at, owner, 0))
@@ -666,20 +668,25 @@ class _Apply(_Op):
         return (c.task_id, c.version + 1, shape.source, shape.target, c.attempt, c.at, owner, error)
 
     def add(self, w: _Writer) -> None:
-        if not w.alone(self.change.task_id):
+        # A change with lease_before (a takeover, rare) runs by itself.
+        if self.change.lease_before is None and not w.alone(self.change.task_id):
             group = w.groups.get(self.shape)
             if group is None:
                 w.groups[self.shape] = [self]
             else:
                 group.append(self)
         else:
+            w.touched.add(self.change.task_id)
             _Op.add(self, w)
 
     def run(self, w: _Writer) -> bool:
         c = self.change
-        params = (w.rev, w.owner, *self.values[_AT_FIELDS:], c.task_id, c.version)
+        params: tuple[Any, ...] = (w.rev, w.owner, *self.values[_AT_FIELDS:], c.task_id, c.version)
+        sql = self.shape.sql
+        if c.lease_before is not None:
+            params, sql = (*params, c.lease_before), self.shape.lease_sql
         try:
-            applied = w.conn.execute(self.shape.sql, params).rowcount > 0
+            applied = w.conn.execute(sql, params).rowcount > 0
         except sqlite3.IntegrityError as exc:
             if c.target in _LIVE and "tasks.key" in str(exc):
                 found = w.conn.execute("SELECT key FROM tasks WHERE id = ?", (c.task_id,))
@@ -838,7 +845,7 @@ class _PurgeStep(_Op):
 # --------------------------------------------------------------------------- the journal
 
 
-class SQLiteJournal:
+class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
     """A journal in one SQLite file (WAL mode), safe to share between processes.
 
     ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
@@ -849,8 +856,6 @@ class SQLiteJournal:
     """
 
     lease_timeout: float
-    #: ``insert`` takes rows claimed as they are submitted (see ``Journal.insert``)
-    claims_on_insert: Final = True
 
     def __init__(
         self,
@@ -1174,6 +1179,12 @@ class SQLiteJournal:
     def insert(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
         return self._write(_Insert(row))
 
+    def insert_claimed(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
+        """``ClaimingJournal.insert_claimed``: without a key, one set-based INSERT for all
+        such rows of a batch, binding only the columns that vary, and their history lines
+        made by SQLite from the new rows (``_Writer._claims``)."""
+        return self._write(_Insert(row, claimed=True))
+
     def _shape(self, change: Change) -> _Shape:
         key = (tuple(change.fields), change.source, change.target)
         shape = self._shapes.get(key)
@@ -1187,9 +1198,8 @@ class SQLiteJournal:
     def apply_soon(
         self, change: Change, settle: Callable[[bool, BaseException | None], None]
     ) -> Awaitable[None] | None:
-        """``apply`` without waiting for the commit: ``settle(applied, error)`` runs on the
-        event loop once the batch ended, before the batch's waiters wake. Returns None, or
-        an awaitable when this call must lead the next batch (await it)."""
+        """``BatchingJournal.apply_soon``: the change joins the open batch if there is one
+        (no coroutine: None), or this call leads the next batch (the awaitable)."""
         op = _ApplySoon(change, self._shape(change), settle)
         self._require_open()
         if self._commits.add(op):
@@ -1213,6 +1223,7 @@ class SQLiteJournal:
         await self._write(_Renew(owner, lease_until))
 
     async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
+        """Deprecated, to be removed (see ``Journal.reclaim``)."""
         result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
         return result
 
@@ -1303,6 +1314,12 @@ class SQLiteJournal:
             for tid, source, target, attempt, at, owner, error in await self._read(read)
         ]
 
+    async def expired(self, now: float) -> builtins.list[TaskRow]:
+        def read(conn: sqlite3.Connection) -> builtins.list[TaskRow]:
+            return [_to_row(r) for r in conn.execute(_EXPIRED, (now,))]
+
+        return await self._read(read)
+
     async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
         sql = _SELECT + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
         return await self._read(lambda conn: self._snapshot(conn, sql, ()))
@@ -1325,9 +1342,9 @@ class SQLiteJournal:
             counts[_STATUS[status]] = n
         return counts
 
-    # ------------------------------------------------------------------ for the CLI
-    # Aggregates the Journal protocol does not offer (SQLite only). None needs an index of
-    # its own: an index on (queue, status) would cost every status change a b-tree write.
+    # ------------------------------------------------------------------ InspectableJournal
+    # For ``bgtasks status``. None needs an index of its own: an index on (queue, status)
+    # would cost every status change a b-tree write.
 
     async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
         """How many tasks each queue has in each status (only pairs that occur).
