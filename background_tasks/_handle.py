@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from ._errors import ManagerNotRunning, TaskCancelled, TaskFailed, TaskNotFound
+from ._errors import JournalError, ManagerNotRunning, TaskCancelled, TaskFailed, TaskNotFound
 from ._models import ErrorInfo
 from ._states import TaskStatus
 from .journal import _rows
@@ -85,7 +85,12 @@ class Outcomes:
                     f"the manager is not running; cannot wait for task {task_id}"
                 )
             event = table.watch(task_id)
-            row = await self.journal.get(task_id)
+            try:
+                row = await self.journal.get(task_id)
+            except JournalError:  # the task's outcome, not a transient fault, is the answer
+                await anyio.sleep(0.2)
+                task = None
+                continue
             if row is None:
                 raise TaskNotFound(task_id)
             if row.status.is_terminal:

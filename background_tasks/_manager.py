@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from ._errors import InvalidTransition, ManagerNotRunning, QueueFull, TaskNotFound
+from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
 from ._handle import Outcomes, TaskHandle
 from ._ids import new_id
@@ -238,6 +238,7 @@ class BackgroundTaskManager:
         if self._live:
             raise RuntimeError("this manager is already running")
         self._dispatch.reset()
+        self._writer.giving_up = False
         # The running backend's own classes: skips anyio's per-call backend lookup.
         self._outcomes.event_cls = type(anyio.Event())
         self._wakeup_cls = wakeup_class()
@@ -248,6 +249,7 @@ class BackgroundTaskManager:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        self._writer.spawn = tg.start_soon
         self._outcomes.live = True
         try:
             if sync is not None:
@@ -298,6 +300,7 @@ class BackgroundTaskManager:
                 dispatch.stop()
                 with anyio.move_on_after(self.shutdown_timeout):
                     await self._workers_done.wait()
+                writer.giving_up = True  # a journal still away keeps what it holds
                 for task in list(self._table.running):
                     task.interrupted = True
                     if task.scope is not None:
@@ -315,6 +318,7 @@ class BackgroundTaskManager:
                 await tg.__aexit__(None, None, None)
             finally:
                 self._tg = None
+                self._writer.spawn = None
                 self._phase = _Phase.CLOSED
                 self._outcomes.live = False
                 self._table.wake_all()
@@ -462,7 +466,12 @@ class BackgroundTaskManager:
                 and self._queue.take(queue)
             ):
                 return await self._submit_claimed(task, row)
-            stored = await journal.insert(row)
+            try:
+                stored = await journal.insert(row)
+            except BaseException:
+                if self._tg is not None:  # the row may be stored although the call failed
+                    self._tg.start_soon(self._adopt, task)
+                raise
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self._outcomes, stored.id, table.tasks.get(stored.id))
             if self._phase is not _Phase.RUNNING or not self.run_tasks:
@@ -479,16 +488,16 @@ class BackgroundTaskManager:
         claimed by the very next write anyway (one write and one wake-up fewer).
 
         The idle worker and the queue slot are reserved before the write and given back
-        if it fails. A submitter cancelled while the write is in flight leaves the task
+        if it fails. A write that failed or whose submitter was cancelled leaves the task
         to ``_adopt``, so that a stored claim never goes without a worker.
         """
         dispatch = self._dispatch
         worker = dispatch.idle.pop()
         try:
             stored = await self._writer.insert_claimed(task, row)
-        except BaseException as exc:
+        except BaseException:
             self._unreserve(task, worker)
-            if not isinstance(exc, Exception) and self._tg is not None:  # cancelled
+            if self._tg is not None:
                 self._tg.start_soon(self._adopt, task)
             raise
         if stored.id != task.id:  # an unfinished task with this key exists elsewhere
@@ -507,23 +516,33 @@ class BackgroundTaskManager:
             self._dispatch.idle.append(worker)  # still waiting on this event: idle as it was
 
     async def _adopt(self, task: Task) -> None:
-        """A submitter was cancelled while its claiming insert was in flight: once that
-        write is settled (a later write of ours commits after it), run the task if it
-        was stored."""
+        """An insert that failed, or whose submitter was cancelled, may still have been
+        stored (a commit whose answer was lost, a write still in flight). Once the
+        journal answers, and after a write of ours that commits after it, run the task
+        if it is there: claimed by us, or pending."""
         journal = self.journal
         assert journal is not None
-        try:
-            await journal.renew(self.owner, time.time() + journal.lease_timeout)
-            row = await journal.get(task.id)
-        except Exception:
-            log.exception("task_adopt_failed", task_id=task.id, name=task.name)
+        delay = 0.05
+        while True:
+            try:
+                await journal.renew(self.owner, time.time() + journal.lease_timeout)
+                row = await journal.get(task.id)
+                break
+            except JournalError as exc:
+                if not self._live or self._writer.giving_up:
+                    log.warning("task_adopt_failed", task_id=task.id, error=str(exc))
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if row is None or task.id in self._table.tasks or not self._live:
             return
-        if row is None or row.status is not RUNNING or row.owner != self.owner:
-            return
-        self._queue.take(task.queue, force=True)  # already claimed: its worker releases it
-        self._writer.take_claimed(task)
-        self._dispatch.hand_claimed(task)
-        self._dispatch.wake(1)
+        if row.status is RUNNING and row.owner == self.owner and row.version == 1:
+            self._queue.take(task.queue, force=True)  # already claimed: its worker releases it
+            self._writer.take_claimed(task)
+            self._dispatch.hand_claimed(task)
+            self._dispatch.wake(1)
+        elif self._sync is not None and not row.status.is_terminal and row.status is not RUNNING:
+            self._sync.take(row)
 
     def _resolve(self, fn: object) -> RegisteredTask[Any, Any] | None:
         if isinstance(fn, RegisteredTask):

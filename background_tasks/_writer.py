@@ -21,7 +21,15 @@ from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._errors import InvalidTransition, SerializationError, TaskInterrupted, TaskNotFound
+import anyio
+
+from ._errors import (
+    InvalidTransition,
+    JournalError,
+    SerializationError,
+    TaskInterrupted,
+    TaskNotFound,
+)
 from ._events import DEBUG, WARNING, is_enabled, log, transition
 from ._models import ErrorInfo, dumps
 from ._states import TRANSITIONS, TaskStatus, check_transition, reclaim_target
@@ -49,12 +57,15 @@ class StateWriter:
     __slots__ = (
         "_apply_soon",
         "claims_on_insert",
+        "giving_up",
         "journal",
         "lease",
         "max_recoveries",
         "owner",
         "queue",
+        "spawn",
         "table",
+        "unknown",
     )
 
     def __init__(
@@ -75,6 +86,13 @@ class StateWriter:
         self._apply_soon = journal.apply_soon if isinstance(journal, BatchingJournal) else None
         #: whether a submit that finds a worker idle may store its task already claimed
         self.claims_on_insert = isinstance(journal, ClaimingJournal)
+        #: ids of tasks whose last write failed and whose row is not known yet: their
+        #: lease is not renewed, so another manager may take them over meanwhile
+        self.unknown: set[str] = set()
+        #: set at the end of a shutdown: failed writes are no longer retried
+        self.giving_up = False
+        #: starts a background task in the manager's task group (set while it runs)
+        self.spawn: Callable[..., object] | None = None
 
     # ------------------------------------------------------------ accepting a task
 
@@ -236,13 +254,54 @@ class StateWriter:
             )
             task.busy = True
             try:
-                applied = await journal.apply(change)
+                applied = await self._write(change)
             finally:
                 task.busy = False
             if not self._written(task, change, applied):
                 return False
         self.commit(task, target, now, result, error, retry_at, info)
         return True
+
+    async def _write(self, change: Change) -> bool:
+        """``journal.apply(change)`` until the journal answers, applied or not.
+
+        A write that fails (the database restarts or drops the connection, a lock held
+        past the busy timeout, a full disk) is retried with backoff; before each retry
+        the row is read again, so that a commit whose answer was lost counts as applied
+        instead of being written twice, and a row another manager moved on meanwhile
+        counts as refused. While the outcome is unknown the task's lease is not renewed.
+        """
+        journal = self.journal
+        assert journal is not None
+        try:
+            return await journal.apply(change)
+        except JournalError as exc:
+            failure: JournalError = exc
+        task_id = change.task_id
+        self.unknown.add(task_id)
+        delay = 0.05
+        try:
+            while True:
+                if is_enabled(WARNING):
+                    log.warning(
+                        "journal_write_failed", task_id=task_id, to=change.target.value,
+                        error=str(failure), retry_in=delay,
+                    )  # fmt: skip
+                if self.giving_up:
+                    raise failure
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    row = await journal.get(task_id)
+                    if row is None or row.version != change.version:
+                        return _landed(row, change, self.owner)
+                    if row.status is not change.source:
+                        return False
+                    return await journal.apply(change)
+                except JournalError as exc:
+                    failure = exc
+        finally:
+            self.unknown.discard(task_id)
 
     def _written(self, task: Task, change: Change, applied: bool) -> bool:
         """After a journal write of ``change``: the task's new version, or, if another
@@ -320,9 +379,25 @@ class StateWriter:
     ) -> None:
         """The commit of ``complete_soon``'s write (or its failure)."""
         task.busy = False
-        if error is not None:
-            log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
+        if error is not None:  # the batch failed: write it again, waiting this time
+            if self.spawn is not None and isinstance(error, JournalError):
+                task.busy = True
+                self.spawn(self._complete_again, task, change, now, result)
+            else:
+                log.error("journal_error", task_id=task.id, name=task.name, error=str(error))
         elif self._written(task, change, applied) and task.status is RUNNING:
+            self.commit(task, COMPLETED, now, result)
+
+    async def _complete_again(self, task: Task, change: Change, now: float, result: Any) -> None:
+        """A completion whose non-waiting write failed: ``_write`` owns it now."""
+        try:
+            applied = await self._write(change)
+        except JournalError as exc:  # shutting down with the journal still away
+            log.error("journal_error", task_id=task.id, name=task.name, error=str(exc))
+            return
+        finally:
+            task.busy = False
+        if self._written(task, change, applied) and task.status is RUNNING:
             self.commit(task, COMPLETED, now, result)
 
     async def interrupt(self, task: Task) -> None:
@@ -374,6 +449,14 @@ class StateWriter:
         """A RUNNING row whose owner is gone (its lease ended before ``now``)."""
         assert self.journal is not None
         return await take_over(self.journal, self.owner, row, now, self.max_recoveries)
+
+
+def _landed(row: TaskRow | None, change: Change, owner: str) -> bool:
+    """Whether a row read after a failed write shows that write committed: one version
+    on, in the target status, and (for a claim) ours."""
+    if row is None or row.version != change.version + 1 or row.status is not change.target:
+        return False
+    return change.target is not RUNNING or row.owner == owner
 
 
 # ---------------------------------------------------------------- tasks known by their row
