@@ -37,7 +37,14 @@ from ._states import TaskStatus
 from ._sync import JournalSync
 from ._table import Statistics, TaskTable
 from ._task import Task
-from ._validate import check_delay, check_priority, check_retry, check_timeout
+from ._validate import (
+    check_delay,
+    check_priority,
+    check_retry,
+    check_task_id,
+    check_text,
+    check_timeout,
+)
 from ._worker import wakeup_class, worker_loop
 from ._writer import StateWriter, cancel_row, requeue_row
 from .journal import _rows
@@ -101,8 +108,10 @@ class BackgroundTaskManager:
             if not isinstance(queues, Mapping):
                 raise ValueError(f"queues must be a mapping of queue name to limit, got {queues!r}")
             for name, limit in queues.items():
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"queue names must be non-empty strings, got {name!r}")
+                try:
+                    check_text(name, "a queue name")
+                except TypeError as exc:  # bad configuration is a ValueError
+                    raise ValueError(str(exc)) from None
                 _check_int(f"the limit of queue {name!r}", limit, 1)
         self.queues: dict[str, int] | None = dict(queues) if queues is not None else None
         if journal is not None and not isinstance(journal, Journal):
@@ -430,8 +439,7 @@ class BackgroundTaskManager:
             check_retry(retry, "retry")
         table = self._table
         if key is not None:
-            if not isinstance(key, str):
-                raise TypeError(f"key must be a str, got {key!r}")
+            check_text(key, "key", empty=True)
             existing = table.keys.get(key)
             if existing is not None:
                 return TaskHandle(self._outcomes, existing.id, existing)
@@ -567,10 +575,7 @@ class BackgroundTaskManager:
         return None
 
     def _check_queue(self, queue: object) -> None:
-        if not isinstance(queue, str):
-            raise TypeError(f"queue must be a str, got {queue!r}")
-        if not queue:
-            raise ValueError("queue must be a non-empty str")
+        check_text(queue, "queue")
         if self.queues is not None and queue != "default" and queue not in self.queues:
             names = ", ".join(["default", *sorted(self.queues)])
             raise ValueError(f"unknown queue {queue!r}: this manager has {names}")
@@ -579,9 +584,11 @@ class BackgroundTaskManager:
 
     def handle(self, task_id: str) -> TaskHandle[Any]:
         """A handle for any task id (awaiting it raises TaskNotFound if the id is unknown)."""
+        check_task_id(task_id)
         return TaskHandle(self._outcomes, task_id, self._table.tasks.get(task_id))
 
     async def get(self, task_id: str) -> TaskRecord | None:
+        check_task_id(task_id)
         if self.journal is not None and self._live:  # the source of truth
             row = await self.journal.get(task_id)
             return None if row is None else _rows.record(row)
@@ -619,12 +626,14 @@ class BackgroundTaskManager:
 
     async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
         """The journaled transitions of a task, oldest first (empty without a journal)."""
+        check_task_id(task_id)
         if self.journal is None or not self._live:
             return []
         return await self.journal.history(task_id)
 
     async def cancel(self, task_id: str) -> bool:
         """Cancel a pending, retrying or running task; False if finished or unknown."""
+        check_task_id(task_id)
         task = self._table.tasks.get(task_id)
         if task is None or task.remote:
             if self.journal is None or not self._live:
@@ -646,6 +655,7 @@ class BackgroundTaskManager:
 
     async def requeue(self, task_id: str) -> TaskRecord:
         """Put a FAILED or CANCELLED task back to PENDING with a fresh set of attempts."""
+        check_task_id(task_id)
         if self._phase is not _Phase.RUNNING:
             raise ManagerNotRunning()
         task = self._table.tasks.get(task_id)

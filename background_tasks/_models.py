@@ -114,9 +114,12 @@ def dumps(value: Any, what: str, *about: object) -> str:
     if value is None:  # most results
         return "null"
     try:
-        return _encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
+        text: str = _encode(value)
+        if not text.isascii():
+            text.encode("utf-8")  # a lone surrogate: JSON holds it, UTF-8 storage cannot
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError included
         raise SerializationError(f"{what % about} cannot be stored as JSON: {exc}") from exc
+    return text
 
 
 def loads(text: str | None) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from ._validate import check_priority, check_retry, check_timeout
+from ._validate import check_priority, check_retry, check_text, check_timeout
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
@@ -166,15 +166,20 @@ class TaskRegistry:
             "queue": queue,
             "priority": None if priority is None else check_priority(priority),
         }
-        if queue is not None and (not isinstance(queue, str) or not queue):
-            raise ValueError(f"queue must be a non-empty str, got {queue!r}")
+        if queue is not None:
+            try:
+                check_text(queue, "queue")
+            except TypeError as exc:
+                raise ValueError(str(exc)) from None
 
         def register(f: Callable[..., Coroutine[Any, Any, Any]]) -> RegisteredTask[Any, Any]:
             if not is_async_callable(f):
                 raise TypeError(f"{f!r} is not an async def function; only those can be tasks")
             task_name = name if name is not None else getattr(f, "__qualname__", repr(f))
-            if not isinstance(task_name, str) or not task_name:
-                raise ValueError(f"task name must be a non-empty str, got {task_name!r}")
+            try:
+                check_text(task_name, "task name")
+            except TypeError as exc:
+                raise ValueError(str(exc)) from None
             if task_name in self.tasks and self.tasks[task_name].fn is not f:
                 raise ValueError(f"a task named {task_name!r} is already registered")
             registered = RegisteredTask(f, task_name, self, options)

@@ -6,17 +6,24 @@ import math
 import random
 from dataclasses import dataclass, field
 
-__all__ = ["RetryPolicy"]
+__all__ = ["MAX_SECONDS", "RetryPolicy"]
+
+#: The longest delay or backoff accepted, in seconds (about 3,000 years): any wait from
+#: now must end before a ``datetime`` does (year 9999), so every record stays readable.
+MAX_SECONDS = 1e11
+#: Attempts are counted in a journal's 64-bit integer column.
+_MAX_ATTEMPTS = 2**63 - 1
 
 
 def _number(name: str, value: object, *, minimum: float, allow_equal: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"RetryPolicy {name} must be a number, got {value!r}")
     ok = value >= minimum if allow_equal else value > minimum
-    if not ok or math.isnan(value) or math.isinf(value):
+    if not ok or math.isnan(value) or math.isinf(value) or value > MAX_SECONDS:
         op = ">=" if allow_equal else ">"
         raise ValueError(
-            f"RetryPolicy {name} must be a finite number {op} {minimum}, got {value!r}"
+            f"RetryPolicy {name} must be a finite number {op} {minimum} and at most"
+            f" {MAX_SECONDS:g} seconds, got {value!r}"
         )
     return float(value)
 
@@ -41,8 +48,11 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise ValueError(f"RetryPolicy max_attempts must be an int, got {self.max_attempts!r}")
-        if self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy max_attempts must be >= 1, got {self.max_attempts}")
+        if not 1 <= self.max_attempts <= _MAX_ATTEMPTS:
+            raise ValueError(
+                f"RetryPolicy max_attempts must be >= 1 and a 64-bit integer,"
+                f" got {self.max_attempts}"
+            )
         object.__setattr__(self, "base_delay", _number("base_delay", self.base_delay, minimum=0))
         object.__setattr__(self, "multiplier", _number("multiplier", self.multiplier, minimum=1))
         object.__setattr__(self, "max_delay", _number("max_delay", self.max_delay, minimum=0))

@@ -7,9 +7,17 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from ._retry import RetryPolicy
+from ._errors import SerializationError
+from ._retry import MAX_SECONDS, RetryPolicy
 
-__all__ = ["check_delay", "check_priority", "check_retry", "check_timeout"]
+__all__ = [
+    "check_delay",
+    "check_priority",
+    "check_retry",
+    "check_task_id",
+    "check_text",
+    "check_timeout",
+]
 
 
 def _is_number(value: object) -> bool:
@@ -56,4 +64,33 @@ def check_delay(value: Any) -> float:
         raise TypeError(f"delay must be seconds or a timedelta, got {value!r}")
     if seconds < 0 or math.isinf(seconds) or math.isnan(seconds):
         raise ValueError(f"delay must be finite and >= 0, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"delay must be at most {MAX_SECONDS:g} seconds (a datetime ends in year 9999),"
+            f" got {value!r}"
+        )
     return seconds
+
+
+def check_text(value: Any, what: str, *, empty: bool = False) -> str:
+    """A name a journal stores and indexes (a queue, a key, a task name): a non-empty str
+    without NUL (PostgreSQL cannot hold one) that UTF-8 can encode (no lone surrogate)."""
+    if not isinstance(value, str):
+        kind = "a str" if empty else "a non-empty str"
+        raise TypeError(f"{what} must be {kind}, got {value!r}")
+    if not value and not empty:
+        raise ValueError(f"{what} must be a non-empty str")
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters, got {value!r}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SerializationError(f"{what} {value!r} cannot be stored: {exc}") from None
+    return value
+
+
+def check_task_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a task id is a str, got {value!r}")
+    return value

@@ -8,11 +8,15 @@ these to spell it for the journal.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .._errors import SerializationError
+from .._events import log
 from .._models import ErrorInfo, Progress, TaskRecord, dumps, loads, utc
 from .._retry import RetryPolicy
 from .._states import TaskStatus
@@ -34,17 +38,44 @@ __all__ = [
 
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
-_RETRY_FIELDS = ("max_attempts", "base_delay", "multiplier", "max_delay", "jitter")
+
+
+def _class_path(cls: type, what: str) -> str:
+    """``module:qualname`` of a class that a restarted process can import again."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    if _resolve(path) is not cls:
+        raise SerializationError(
+            f"{what} {cls.__qualname__} cannot be stored: a restarted process finds it by"
+            f" its import path, and {path!r} does not lead back to it (define it at the top"
+            " level of a module)"
+        )
+    return path
+
+
+def _resolve(path: str) -> Any:
+    """The object at ``module:qualname``, or None."""
+    module, _, qualname = path.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found
 
 
 @functools.lru_cache(maxsize=256)
 def _options_json(timeout: float | None, retry: RetryPolicy | None) -> str:
-    """What a restarted process needs to rebuild a task's timeout and retry policy."""
-    options = {
-        "timeout": timeout,
-        "retry": None if retry is None else {f: getattr(retry, f) for f in _RETRY_FIELDS},
-    }
-    return json.dumps(options)
+    """What a restarted process needs to rebuild a task's timeout and retry policy, all
+    of it: every field, the classes of ``retry_on`` and a subclass by import path.
+    SerializationError (at submit) for a policy that cannot be rebuilt that way."""
+    spec: dict[str, Any] | None = None
+    if retry is not None:
+        spec = {f.name: getattr(retry, f.name) for f in dataclasses.fields(retry)}
+        spec["retry_on"] = [_class_path(t, "the exception class") for t in retry.retry_on]
+        if type(retry) is not RetryPolicy:
+            spec["class"] = _class_path(type(retry), "the retry policy class")
+    return dumps({"timeout": timeout, "retry": spec}, "the retry policy %r", retry)
 
 
 def new_row(task: Task) -> TaskRow:
@@ -191,13 +222,31 @@ def record(row: TaskRow) -> TaskRecord:
 def _restore_options(
     options_json: str | None, base: RetryPolicy | None
 ) -> tuple[float | None, RetryPolicy | None]:
-    """A task's timeout and retry policy from its row; ``retry_on`` (exception classes,
-    which JSON cannot hold) comes from the registered task's or the manager's policy.
-    Cached: a recovery of 100,000 rows shares a handful of policies."""
+    """A task's timeout and retry policy from its row, as they were submitted. Rows
+    written before ``retry_on`` was stored take it from ``base`` (the registered task's
+    or the manager's policy). Cached: a recovery of 100,000 rows shares a handful."""
     options = loads(options_json) or {}
+    spec = options.get("retry")
     retry = None
-    if options.get("retry") is not None:
-        retry = RetryPolicy(**options["retry"], retry_on=base.retry_on if base else (Exception,))
+    if spec is not None:
+        spec = dict(spec)
+        paths = spec.pop("retry_on", None)
+        cls: Any = RetryPolicy
+        path = spec.pop("class", None)
+        if path is not None:
+            cls = _resolve(path)
+            if not (isinstance(cls, type) and issubclass(cls, RetryPolicy)):
+                log.warning("retry_policy_not_restored", what=path, using="RetryPolicy")
+                cls = RetryPolicy
+        if paths is None:
+            retry_on = base.retry_on if base else (Exception,)
+        else:
+            found = [_resolve(p) for p in paths]
+            retry_on = tuple(t for t in found if isinstance(t, type))
+            if len(retry_on) < len(found):
+                missing = [p for p, t in zip(paths, found, strict=True) if t not in retry_on]
+                log.warning("retry_policy_not_restored", what=missing, using=retry_on)
+        retry = cls(**spec, retry_on=retry_on)
         if retry == base:
             retry = base
     return options.get("timeout"), retry
