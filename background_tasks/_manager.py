@@ -351,7 +351,11 @@ class BackgroundTaskManager:
     async def _worker(self) -> None:
         self._workers_started += 1
         try:
-            await worker_loop(self._dispatch, self._writer, self._wakeup_cls, self._scope_cls)
+            # Only the manager's own shutdown stops a worker: a cancelled scope around
+            # ``async with manager`` is a shutdown like any other, and its running attempts
+            # get shutdown_timeout too (then they are cancelled).
+            with anyio.CancelScope(shield=True):
+                await worker_loop(self._dispatch, self._writer, self._wakeup_cls, self._scope_cls)
         finally:
             self._workers_left -= 1
             if self._workers_left == 0 and self._workers_done is not None:

@@ -419,3 +419,37 @@ async def test_requeue_clears_progress() -> None:
         record = await manager.requeue(handle.id)
         assert record.progress is None
         await manager.cancel(handle.id)
+
+
+@pytest.mark.parametrize(("shutdown_timeout", "finished"), [(5.0, True), (0.0, False)])
+async def test_cancelling_the_scope_around_the_manager_is_a_graceful_shutdown(
+    shutdown_timeout: float, finished: bool
+) -> None:
+    """The host's cancellation reaches ``async with manager`` as a shutdown: a running
+    attempt gets ``shutdown_timeout`` (it finishes), or is cut off with 0."""
+    started = anyio.Event()
+    done: list[str] = []
+
+    async def work() -> str:
+        started.set()
+        await anyio.sleep(0.2)
+        done.append("done")
+        return "ok"
+
+    manager = BackgroundTaskManager(shutdown_timeout=shutdown_timeout)
+    with anyio.CancelScope() as outer:
+        async with manager:
+            handle = await manager.submit(work)
+            await started.wait()
+            outer.cancel()
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    record = await manager.get(handle.id)
+    assert record is not None
+    if finished:
+        assert done == ["done"]
+        assert record.status is C
+        assert await handle == "ok"
+    else:
+        assert done == []
+        assert record.status is X
