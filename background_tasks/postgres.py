@@ -55,14 +55,12 @@ Notifications
     when a notification of *another* owner on *this* schema arrives, so a manager can poll
     ``changes`` rarely and still see a remote cancel or a new task within milliseconds.
 
-Claiming with ``SKIP LOCKED``
+Claiming, and ``SKIP LOCKED``
     ``apply`` claims a row with ``UPDATE ... WHERE id AND version AND status`` exactly like
     SQLite: a concurrent claimer waits for the other transaction and then fails the
-    version check, so exactly one wins. ``claim_next`` is a PostgreSQL-native alternative
-    (``SELECT ... FOR UPDATE SKIP LOCKED`` in priority order): claimers never wait for each
-    other and never try the same row. ``reclaim`` and ``purge`` select with ``SKIP LOCKED``
-    too, so two reclaimers never fight, and a row whose owner is writing it right now is
-    left alone.
+    version check, so exactly one wins. ``reclaim`` and ``purge`` select with ``FOR UPDATE
+    SKIP LOCKED``, so two reclaimers never fight, and a row whose owner is writing it
+    right now is left alone.
 """
 
 from __future__ import annotations
@@ -73,7 +71,6 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Final, TypeVar
 
@@ -85,7 +82,7 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._errors import InvalidTransition, JournalError
-from ._models import ErrorInfo, TransitionRecord
+from ._models import ErrorInfo, TransitionRecord, utc
 from ._states import TaskStatus
 from .journal._group_commit import GroupCommit, purge_in_steps
 from .journal._protocol import Change, InspectableJournal, NotifyingJournal, TaskRow
@@ -138,6 +135,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE UNIQUE INDEX tasks_live_key ON @.tasks (key)"
         " WHERE key IS NOT NULL AND status IN ('pending', 'running', 'retrying')",
         "CREATE INDEX tasks_finished ON @.tasks (finished_at) WHERE finished_at IS NOT NULL",
+        # tasks_ready served claim_next, which is gone; dropping it takes a migration.
         "CREATE INDEX tasks_ready ON @.tasks (priority DESC, id)"
         " WHERE status IN ('pending', 'retrying')",
         "CREATE INDEX tasks_running ON @.tasks (owner, lease_until) WHERE status = 'running'",
@@ -473,43 +471,6 @@ class _Reclaim(_Op):
         return rows
 
 
-class _ClaimNext(_Op):
-    __slots__ = ("lease_until", "limit", "now", "owner", "queues")
-
-    def __init__(
-        self, owner: str, queues: list[str] | None, limit: int, lease_until: float, now: float
-    ) -> None:
-        super().__init__()
-        self.owner = owner
-        self.queues = queues
-        self.limit = limit
-        self.lease_until = lease_until
-        self.now = now
-
-    def run(self, tx: _Tx) -> list[TaskRow]:
-        tx.flush()
-        sql = tx.j._sql["claim_next" if self.queues is None else "claim_next_queues"]
-        params: dict[str, Any] = {
-            "now": self.now,
-            "owner": self.owner,
-            "lease": self.lease_until,
-            "writer": tx.j._owner,
-            "limit": self.limit,
-            "queues": self.queues,
-        }
-        rows: list[TaskRow] = []
-        for r in tx.cur.execute(sql, params).fetchall():
-            row = _to_row(r[1:])
-            rows.append(row)
-            tx.touched.append(row.id)
-            tx.history.append(
-                (row.id, row.version, r[0], TaskStatus.RUNNING.value, row.attempts, self.now,
-                 self.owner, None)
-            )  # fmt: skip
-        rows.sort(key=lambda row: (-row.priority, row.id))
-        return rows
-
-
 class _PurgeStep(_Op):
     __slots__ = ("batch", "older_than")
 
@@ -582,18 +543,6 @@ def _statements(s: str) -> dict[str, str]:
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {_LIVE} DO NOTHING"
     )
     sql["insert_keyed"] = insert_keyed + " RETURNING id"
-    claim = (
-        "WITH picked AS (SELECT id, status FROM @.tasks"
-        " WHERE status IN ('pending', 'retrying') AND scheduled_at <= %(now)s{queues}"
-        " ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-        " UPDATE @.tasks t SET status = 'running', version = t.version + 1,"
-        " attempts = t.attempts + 1, owner = %(owner)s, lease_until = %(lease)s,"
-        " started_at = coalesce(t.started_at, %(now)s), cancel_requested = false,"
-        " writer = %(writer)s FROM picked WHERE t.id = picked.id"
-        " RETURNING picked.status, " + ", ".join(f"t.{c}" for c in _COLUMNS)
-    )
-    sql["claim_next"] = claim.format(queues="")
-    sql["claim_next_queues"] = claim.format(queues=" AND queue = ANY(%(queues)s)")
     return {k: v.replace("@.", s + ".") for k, v in sql.items()}
 
 
@@ -996,39 +945,6 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
         return result
 
-    async def claim_next(
-        self,
-        owner: str,
-        queues: Sequence[str] | None = None,
-        limit: int = 1,
-        lease_until: float | None = None,
-        *,
-        now: float | None = None,
-    ) -> list[TaskRow]:
-        """Claim up to ``limit`` due PENDING/RETRYING rows for ``owner`` in one statement.
-
-        The rows are taken in run order (priority descending, then id, i.e. submission
-        order) among those whose ``scheduled_at`` has come, on the given ``queues`` (all
-        when None), with ``SELECT ... FOR UPDATE SKIP LOCKED``: concurrent claimers on any
-        number of machines never wait for each other and never get the same row. Each row
-        goes to RUNNING as ``apply(claim)`` would put it (attempts + 1, owner, lease until
-        ``lease_until``, default now + ``lease_timeout``, started_at kept or set, a
-        history line). Returns the claimed rows in run order; an empty list when none is
-        due. The PostgreSQL alternative to reading ``runnable``/``changes`` and claiming
-        each row with ``apply``.
-        """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive int, not {limit!r}")
-        names: list[str] | None = None
-        if queues is not None:
-            if isinstance(queues, str):
-                raise ValueError("queues must be a sequence of queue names, not one str")
-            names = [str(q) for q in queues]
-        at = time.time() if now is None else float(now)
-        until = at + self.lease_timeout if lease_until is None else float(lease_until)
-        result: list[TaskRow] = await self._write(_ClaimNext(owner, names, limit, until, at))
-        return result
-
     async def purge(self, older_than: float, batch: int = 1000) -> int:
         return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
 
@@ -1101,7 +1017,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
                 source=None if source is None else _STATUS[source],
                 target=_STATUS[target],
                 attempt=attempt,
-                at=datetime.fromtimestamp(at, UTC),
+                at=utc(at),
                 owner=owner,
                 error=None if error is None else ErrorInfo.model_validate_json(error),
             )

@@ -36,7 +36,6 @@ from background_tasks.testing import (
     JournalContract,
     applied,
     claim,
-    finish,
     make_row,
     opened,
 )
@@ -466,63 +465,6 @@ async def test_three_journals_claim_each_row_once(
             assert (stored.status, stored.version, stored.owner) == (R, 1, owners[row.id])
     finally:
         await third.close()
-
-
-# --------------------------------------------------------------------------- claim_next
-
-
-async def test_claim_next_in_run_order(journal: PostgresJournal) -> None:
-    now = time.time()
-    low = await journal.insert(make_row(priority=-1))
-    a = await journal.insert(make_row(priority=5))
-    b = await journal.insert(make_row(priority=5, queue="mail"))
-    later = await journal.insert(make_row(priority=9, scheduled_at=now + 60))
-    mid = await journal.insert(make_row())
-    retrying = await applied(journal, claim(await journal.insert(make_row(priority=1))))
-    retrying = await applied(journal, finish(retrying, Y, finished_at=None))
-    got = await journal.claim_next(OWNER, None, 2, now + 30)
-    assert [r.id for r in got] == [a.id, b.id]
-    assert [(r.status, r.owner, r.attempts, r.version) for r in got] == [(R, OWNER, 1, 1)] * 2
-    assert got[0].lease_until == now + 30
-    assert got[0].started_at is not None
-    assert await journal.get(a.id) == got[0]
-    assert await journal.claim_next(OWNER, ["mail"], 5, now + 30) == []
-    rest = await journal.claim_next(PEER, ["default"], 10)
-    assert [r.id for r in rest] == [retrying.id, mid.id, low.id]
-    assert (rest[0].attempts, rest[0].started_at) == (2, retrying.started_at)
-    assert await journal.claim_next(OWNER, None, 10) == []
-    assert (await journal.get(later.id)) == later  # not due yet
-    lines = await journal.history(retrying.id)
-    assert [(h.source, h.target, h.attempt, h.owner) for h in lines][-1] == (Y, R, 2, PEER)
-
-
-async def test_claim_next_from_two_journals_never_shares_a_row(
-    journal: PostgresJournal, peer: PostgresJournal
-) -> None:
-    ids = {(await journal.insert(make_row(priority=i % 3))).id for i in range(120)}
-    got: dict[str, list[str]] = {OWNER: [], PEER: []}
-
-    async def drain(j: PostgresJournal, owner: str) -> None:
-        while rows := await j.claim_next(owner, None, 7):
-            got[owner].extend(r.id for r in rows)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(3):
-            tg.start_soon(drain, journal, OWNER)
-            tg.start_soon(drain, peer, PEER)
-    everything = got[OWNER] + got[PEER]
-    assert len(everything) == len(set(everything)) == len(ids)
-    assert set(everything) == ids
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"), [({"limit": 0}, "limit"), ({"queues": "mail"}, "queues")]
-)
-async def test_claim_next_checks_its_arguments(
-    journal: PostgresJournal, kwargs: dict[str, Any], match: str
-) -> None:
-    with pytest.raises(ValueError, match=match):
-        await journal.claim_next(OWNER, **kwargs)
 
 
 # --------------------------------------------------------------------------- reclaim

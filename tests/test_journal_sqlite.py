@@ -373,17 +373,21 @@ async def test_purge_takes_one_transaction_per_batch(journal: SQLiteJournal) -> 
     assert await journal.counts() == dict.fromkeys(TaskStatus, 0)
 
 
-async def test_data_version_moves_when_another_connection_writes(
+async def test_a_commit_of_another_connection_is_seen_at_once(
     journal: SQLiteJournal, tmp_path: Path
 ) -> None:
     other = SQLiteJournal(tmp_path / "tasks.db")
     await other.open("other")
+    watcher = _connect(tmp_path / "tasks.db")
     try:
-        before = await journal.data_version()
-        assert await journal.data_version() == before
-        await other.insert(make_row())
-        assert await journal.data_version() != before
+        before = watcher.execute("PRAGMA data_version").fetchone()[0]
+        assert await journal.get("nope") is None  # a read commits nothing
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
+        row = await other.insert(make_row())
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] != before
+        assert await journal.get(row.id) == row
     finally:
+        watcher.close()
         await other.close()
 
 

@@ -46,7 +46,6 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Final, Literal, TypeVar
 
@@ -55,7 +54,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import InvalidTransition, JournalError
-from .._models import ErrorInfo, TransitionRecord
+from .._models import ErrorInfo, TransitionRecord, utc
 from .._states import TaskStatus
 from ._group_commit import GroupCommit, purge_in_steps
 from ._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
@@ -372,10 +371,6 @@ def _to_row(r: Any) -> TaskRow:
         r[0], r[1], r[2], _STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
         r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], bool(r[21]), r[22],
     )  # fmt: skip
-
-
-def utc_at(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -1307,7 +1302,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
                 source=None if source is None else _STATUS[source],
                 target=_STATUS[target],
                 attempt=attempt,
-                at=utc_at(at),
+                at=utc(at),
                 owner=owner,
                 error=None if error is None else ErrorInfo.model_validate_json(error),
             )
@@ -1387,11 +1382,6 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
             return _to_row(found[0]) if found else None
 
         return await self._read(read)
-
-    async def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version`` of the read connection: it changes when another
-        connection (this process's writer included) commits. A cheap "anything new?" poll."""
-        return await self._read(lambda conn: int(conn.execute("PRAGMA data_version").fetchone()[0]))
 
 
 def _close_all(conns: Iterable[sqlite3.Connection | None]) -> None:
