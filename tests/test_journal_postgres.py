@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -230,6 +231,32 @@ class TestPostgresContract(JournalContract):
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         PostgresJournal(DEFAULT_DSN, **kwargs)
+
+
+def test_both_import_paths_name_one_class() -> None:
+    from background_tasks.journal import postgres as package
+
+    assert package.PostgresJournal is PostgresJournal
+    assert (package.CHANNEL, package.SCHEMA_VERSION) == (CHANNEL, SCHEMA_VERSION)
+
+
+@pytest.mark.parametrize(
+    "module", ["background_tasks.postgres", "background_tasks.journal.postgres"]
+)
+def test_without_psycopg_the_import_error_names_the_extra(module: str) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None  # what an interpreter without psycopg does\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'background-tasks[postgres]'" in done.stdout
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("dsn", ["host=x port", "postgresql://u:pw@h/db?nope=1", 3])
@@ -620,14 +647,16 @@ async def test_close_ends_a_wait(
             tg.start_soon(journal.wait_for_changes, 30)
             await anyio.sleep(0.05)
             await journal.close()
-    assert journal._lconn is None
+    assert journal._listener is None
 
 
 async def test_a_broken_listener_connects_again(journal: PostgresJournal, pg_dsn: str) -> None:
     await journal.wait_for_changes(1)
-    assert journal._lconn is not None
+    assert journal._listener is not None
+    listening = journal._listener.conn
+    assert listening is not None
     with _admin(pg_dsn) as conn:
-        conn.execute("SELECT pg_terminate_backend(%s)", (journal._lconn.info.backend_pid,))
+        conn.execute("SELECT pg_terminate_backend(%s)", (listening.info.backend_pid,))
         with anyio.fail_after(3):
             await journal.wait_for_changes(10)  # the socket closes: it returns
             await journal.wait_for_changes(10)  # connects again and returns
