@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import traceback as tb
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,6 +99,12 @@ class TaskRecord(BaseModel):
     owner: str | None = None
 
 
+@overload
+def utc(ts: float) -> datetime: ...
+@overload
+def utc(ts: None) -> None: ...
+@overload
+def utc(ts: float | None) -> datetime | None: ...
 def utc(ts: float | None) -> datetime | None:
     """An epoch timestamp as an aware UTC datetime (None stays None)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC)

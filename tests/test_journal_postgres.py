@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -36,7 +37,6 @@ from background_tasks.testing import (
     JournalContract,
     applied,
     claim,
-    finish,
     make_row,
     opened,
 )
@@ -231,6 +231,32 @@ class TestPostgresContract(JournalContract):
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         PostgresJournal(DEFAULT_DSN, **kwargs)
+
+
+def test_both_import_paths_name_one_class() -> None:
+    from background_tasks.journal import postgres as package
+
+    assert package.PostgresJournal is PostgresJournal
+    assert (package.CHANNEL, package.SCHEMA_VERSION) == (CHANNEL, SCHEMA_VERSION)
+
+
+@pytest.mark.parametrize(
+    "module", ["background_tasks.postgres", "background_tasks.journal.postgres"]
+)
+def test_without_psycopg_the_import_error_names_the_extra(module: str) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None  # what an interpreter without psycopg does\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'background-tasks[postgres]'" in done.stdout
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("dsn", ["host=x port", "postgresql://u:pw@h/db?nope=1", 3])
@@ -468,63 +494,6 @@ async def test_three_journals_claim_each_row_once(
         await third.close()
 
 
-# --------------------------------------------------------------------------- claim_next
-
-
-async def test_claim_next_in_run_order(journal: PostgresJournal) -> None:
-    now = time.time()
-    low = await journal.insert(make_row(priority=-1))
-    a = await journal.insert(make_row(priority=5))
-    b = await journal.insert(make_row(priority=5, queue="mail"))
-    later = await journal.insert(make_row(priority=9, scheduled_at=now + 60))
-    mid = await journal.insert(make_row())
-    retrying = await applied(journal, claim(await journal.insert(make_row(priority=1))))
-    retrying = await applied(journal, finish(retrying, Y, finished_at=None))
-    got = await journal.claim_next(OWNER, None, 2, now + 30)
-    assert [r.id for r in got] == [a.id, b.id]
-    assert [(r.status, r.owner, r.attempts, r.version) for r in got] == [(R, OWNER, 1, 1)] * 2
-    assert got[0].lease_until == now + 30
-    assert got[0].started_at is not None
-    assert await journal.get(a.id) == got[0]
-    assert await journal.claim_next(OWNER, ["mail"], 5, now + 30) == []
-    rest = await journal.claim_next(PEER, ["default"], 10)
-    assert [r.id for r in rest] == [retrying.id, mid.id, low.id]
-    assert (rest[0].attempts, rest[0].started_at) == (2, retrying.started_at)
-    assert await journal.claim_next(OWNER, None, 10) == []
-    assert (await journal.get(later.id)) == later  # not due yet
-    lines = await journal.history(retrying.id)
-    assert [(h.source, h.target, h.attempt, h.owner) for h in lines][-1] == (Y, R, 2, PEER)
-
-
-async def test_claim_next_from_two_journals_never_shares_a_row(
-    journal: PostgresJournal, peer: PostgresJournal
-) -> None:
-    ids = {(await journal.insert(make_row(priority=i % 3))).id for i in range(120)}
-    got: dict[str, list[str]] = {OWNER: [], PEER: []}
-
-    async def drain(j: PostgresJournal, owner: str) -> None:
-        while rows := await j.claim_next(owner, None, 7):
-            got[owner].extend(r.id for r in rows)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(3):
-            tg.start_soon(drain, journal, OWNER)
-            tg.start_soon(drain, peer, PEER)
-    everything = got[OWNER] + got[PEER]
-    assert len(everything) == len(set(everything)) == len(ids)
-    assert set(everything) == ids
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"), [({"limit": 0}, "limit"), ({"queues": "mail"}, "queues")]
-)
-async def test_claim_next_checks_its_arguments(
-    journal: PostgresJournal, kwargs: dict[str, Any], match: str
-) -> None:
-    with pytest.raises(ValueError, match=match):
-        await journal.claim_next(OWNER, **kwargs)
-
-
 # --------------------------------------------------------------------------- reclaim
 
 
@@ -678,14 +647,16 @@ async def test_close_ends_a_wait(
             tg.start_soon(journal.wait_for_changes, 30)
             await anyio.sleep(0.05)
             await journal.close()
-    assert journal._lconn is None
+    assert journal._listener is None
 
 
 async def test_a_broken_listener_connects_again(journal: PostgresJournal, pg_dsn: str) -> None:
     await journal.wait_for_changes(1)
-    assert journal._lconn is not None
+    assert journal._listener is not None
+    listening = journal._listener.conn
+    assert listening is not None
     with _admin(pg_dsn) as conn:
-        conn.execute("SELECT pg_terminate_backend(%s)", (journal._lconn.info.backend_pid,))
+        conn.execute("SELECT pg_terminate_backend(%s)", (listening.info.backend_pid,))
         with anyio.fail_after(3):
             await journal.wait_for_changes(10)  # the socket closes: it returns
             await journal.wait_for_changes(10)  # connects again and returns

@@ -15,9 +15,10 @@ import pytest
 
 from background_tasks._errors import InvalidTransition, JournalError
 from background_tasks._states import TaskStatus
-from background_tasks.journal import sqlite as sqlite_module
 from background_tasks.journal._protocol import Change, TaskRow
-from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
+from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal, _schema
+from background_tasks.journal.sqlite._batch import _Shape
+from background_tasks.journal.sqlite._ops import _Apply, _Insert
 from background_tasks.testing import (
     OWNER,
     JournalContract,
@@ -171,8 +172,8 @@ async def test_forward_migration_runs_once(
     row = await journal.insert(make_row())
     await journal.close()
     extra = ("ALTER TABLE tasks ADD COLUMN note TEXT", "CREATE INDEX tasks_note ON tasks (note)")
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, extra))
-    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, extra))
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     for _ in range(2):
         journal = SQLiteJournal(path)
         await journal.open(OWNER)
@@ -373,17 +374,21 @@ async def test_purge_takes_one_transaction_per_batch(journal: SQLiteJournal) -> 
     assert await journal.counts() == dict.fromkeys(TaskStatus, 0)
 
 
-async def test_data_version_moves_when_another_connection_writes(
+async def test_a_commit_of_another_connection_is_seen_at_once(
     journal: SQLiteJournal, tmp_path: Path
 ) -> None:
     other = SQLiteJournal(tmp_path / "tasks.db")
     await other.open("other")
+    watcher = _connect(tmp_path / "tasks.db")
     try:
-        before = await journal.data_version()
-        assert await journal.data_version() == before
-        await other.insert(make_row())
-        assert await journal.data_version() != before
+        before = watcher.execute("PRAGMA data_version").fetchone()[0]
+        assert await journal.get("nope") is None  # a read commits nothing
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
+        row = await other.insert(make_row())
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] != before
+        assert await journal.get(row.id) == row
     finally:
+        watcher.close()
         await other.close()
 
 
@@ -490,13 +495,13 @@ async def test_one_task_twice_in_a_batch(journal: SQLiteJournal) -> None:
     row, other = make_row(), make_row()
     running = dataclasses.replace(row, status=R, version=1, attempts=1, owner=OWNER)
 
-    def change(c: Change) -> sqlite_module._Apply:
-        return sqlite_module._Apply(c, sqlite_module._Shape(tuple(c.fields), c.source, c.target))
+    def change(c: Change) -> _Apply:
+        return _Apply(c, _Shape(tuple(c.fields), c.source, c.target))
 
     ops = [
-        sqlite_module._Insert(row),
+        _Insert(row),
         change(claim(row)),
-        sqlite_module._Insert(other),
+        _Insert(other),
         change(finish(running)),
         change(claim(other)),
         change(finish(running)),
@@ -596,7 +601,7 @@ async def test_values_that_look_like_the_null_stand_ins_are_stored_as_given(
     journal: SQLiteJournal,
 ) -> None:
     """The hot paths bind 0 (text columns) and '' (real columns) where they mean NULL,
-    turned back by NULLIF in the SQL (``sqlite._NULL_AS``): a real "0", 0.0 or "" must
+    turned back by NULLIF in the SQL (``sqlite._batch._NULL_AS``): a real "0", 0.0 or "" must
     come back as it went in, on the set-based path (several rows in one batch) and the
     one-by-one path (a keyed insert), and a NULL stays NULL."""
     plain = [make_row(options_json="0") for _ in range(3)]

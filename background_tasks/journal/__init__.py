@@ -1,7 +1,11 @@
-"""Durable storage for tasks: the Journal contract, its optional capabilities, and the
-SQLite journal (``background_tasks.journal.sqlite``).
+"""Durable storage for tasks: the Journal contract and its optional capabilities
+(``_protocol``), and the two journals that implement it.
 
-The PostgreSQL journal lives in ``background_tasks.postgres`` so psycopg stays optional.
+``background_tasks.journal.sqlite``: ``SQLiteJournal``, one file shared by the processes
+of one machine. ``background_tasks.journal.postgres``: ``PostgresJournal``, one database
+shared by many machines; it needs psycopg (``pip install 'background-tasks[postgres]'``),
+so nothing here imports it, and ``background_tasks.postgres`` re-exports it.
+``_group_commit`` is the batching both journals share.
 """
 
 from ._protocol import BatchingJournal as BatchingJournal

@@ -1,0 +1,277 @@
+"""The PostgreSQL journal's operations: one class per kind of write, run in the batch's
+worker thread by ``run`` against the batch's transaction (``_Tx``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ..._models import ErrorInfo
+from ..._states import TaskStatus
+from .._protocol import Change, TaskRow
+from ._schema import _STATUS_INDEX, _row_values, _to_row
+
+if TYPE_CHECKING:
+    from . import PostgresJournal
+
+
+class _Tx:
+    """What operations share while their batch runs (in the worker thread)."""
+
+    __slots__ = ("cur", "history", "inserts", "j", "pending", "touched")
+
+    def __init__(
+        self, cur: psycopg.Cursor[Any], journal: PostgresJournal, *, pipelined: bool
+    ) -> None:
+        self.cur = cur
+        self.j = journal
+        self.history: list[tuple[Any, ...]] = []
+        self.inserts: list[tuple[Any, ...]] = []
+        self.touched: list[str] = []  # ids whose rev this transaction sets
+        #: applies sent in pipeline mode whose results are not read yet
+        self.pending: list[tuple[_Apply, psycopg.Cursor[Any]]] | None = [] if pipelined else None
+
+    def resolve(self) -> None:
+        if self.pending:
+            for op, cur in self.pending:
+                op.result = op.done(self, cur.fetchone())
+                cur.close()
+            self.pending.clear()
+
+    def flush(self) -> None:
+        if self.inserts:
+            self.cur.executemany(self.j._sql["insert"], self.inserts)
+            self.inserts.clear()
+
+    def flush_history(self) -> None:
+        if self.history:
+            self.cur.executemany(self.j._sql["insert_history"], self.history)
+            self.history.clear()
+
+
+class _Op:
+    __slots__ = ("error", "result")
+    #: whether the caller waits for the commit (False: progress, which may ride along)
+    awaited = True
+    #: whether the caller is woken before the others of the batch (see GroupCommit)
+    first = False
+    #: what to call once the batch ended, for a caller that does not wait
+    settle: Callable[[Any], None] | None = None
+    #: lock order inside a batch: inserts (0), single rows by id (1), many rows (2)
+    rank = 2
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (self.rank, "")
+
+    def run(self, tx: _Tx) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__.strip("_").lower()
+
+
+class _Insert(_Op):
+    __slots__ = ("row",)
+    rank = 0
+
+    def __init__(self, row: TaskRow) -> None:
+        super().__init__()
+        self.row = row
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (0, self.row.key or "")
+
+    def describe(self) -> str:
+        return f"insert task {self.row.id}"
+
+    def run(self, tx: _Tx) -> TaskRow:
+        row = self.row
+        values = list(_row_values(row))
+        values[_STATUS_INDEX] = row.status.value
+        values.append(tx.j._owner)
+        if row.key is None:
+            tx.inserts.append(tuple(values))
+        else:
+            tx.flush()
+            sql = tx.j._sql
+            while True:  # a live task with the key may finish between the two statements
+                if tx.cur.execute(sql["insert_keyed"], values).fetchone() is not None:
+                    break
+                live = tx.cur.execute(sql["live_key"], (row.key,)).fetchone()
+                if live is not None:
+                    return _to_row(live)
+        tx.touched.append(row.id)
+        tx.history.append(
+            (row.id, row.version, None, row.status.value, row.attempts, row.created_at,
+             row.owner, row.error_json)
+        )  # fmt: skip
+        return row
+
+
+class _Apply(_Op):
+    __slots__ = ("change", "params", "sql")
+    rank = 1
+    first = True
+
+    def __init__(self, change: Change, sql: str, params: list[Any]) -> None:
+        super().__init__()
+        self.change = change
+        self.sql = sql
+        self.params = params
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (1, self.change.task_id)
+
+    def describe(self) -> str:
+        c = self.change
+        return f"apply {c.source.value}->{c.target.value} to task {c.task_id}"
+
+    def run(self, tx: _Tx) -> TaskRow | None:
+        tx.flush()
+        c = self.change
+        source = c.source.value
+        if c.lease_before is None:
+            params: tuple[Any, ...] = (
+                c.target.value, tx.j._owner, *self.params, c.task_id, c.version, source,
+                source, c.attempt, c.at, c.owner, c.fields.get("error_json"),
+            )  # fmt: skip
+        else:  # the statement has one more condition: lease_until < %s
+            params = (
+                c.target.value, tx.j._owner, *self.params, c.task_id, c.version, source,
+                c.lease_before, source, c.attempt, c.at, c.owner, c.fields.get("error_json"),
+            )  # fmt: skip
+        if tx.pending is not None:  # pipelined: the result is read by tx.resolve()
+            cur = tx.cur.connection.cursor()
+            cur.execute(self.sql, params)
+            tx.pending.append((self, cur))
+            return None
+        return self.done(tx, tx.cur.execute(self.sql, params).fetchone())
+
+    def done(self, tx: _Tx, found: Sequence[Any] | None) -> TaskRow | None:
+        if found is None:
+            return None
+        tx.touched.append(self.change.task_id)
+        return _to_row(found)
+
+
+class _RequestCancel(_Op):
+    __slots__ = ("task_id",)
+    rank = 1
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (1, self.task_id)
+
+    def run(self, tx: _Tx) -> TaskRow | None:
+        tx.flush()
+        found = tx.cur.execute(tx.j._sql["request_cancel"], (tx.j._owner, self.task_id)).fetchone()
+        if found is None:
+            return None
+        tx.touched.append(self.task_id)
+        return _to_row(found)
+
+
+class _SetProgress(_Op):
+    __slots__ = ("params",)
+    awaited = False
+    rank = 1
+
+    def __init__(self, params: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.params = params
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (1, self.params[1])
+
+    def run(self, tx: _Tx) -> None:
+        tx.flush()
+        tx.cur.execute(tx.j._sql["set_progress"], self.params)
+
+
+class _Renew(_Op):
+    __slots__ = ("lease_until", "owner")
+
+    def __init__(self, owner: str, lease_until: float) -> None:
+        super().__init__()
+        self.owner = owner
+        self.lease_until = lease_until
+
+    def run(self, tx: _Tx) -> int:
+        tx.flush()
+        return tx.cur.execute(tx.j._sql["renew"], (self.lease_until, self.owner)).rowcount
+
+
+class _Reclaim(_Op):
+    __slots__ = ("max_recoveries", "now")
+
+    def __init__(self, now: float, max_recoveries: int) -> None:
+        super().__init__()
+        self.now = now
+        self.max_recoveries = max_recoveries
+
+    def run(self, tx: _Tx) -> list[TaskRow]:
+        tx.flush()
+        sql, cur, writer = tx.j._sql, tx.cur, tx.j._owner
+        rows: list[TaskRow] = []
+        for task_id, version, recoveries, owner, cancel_requested in cur.execute(
+            sql["expired"], (self.now,)
+        ).fetchall():
+            error: str | None
+            if cancel_requested:  # a cancel asked for before its owner died: honour it
+                target, finished_at, error = TaskStatus.CANCELLED, self.now, None
+            elif recoveries + 1 > self.max_recoveries:
+                target, finished_at = TaskStatus.FAILED, self.now
+                error = ErrorInfo(
+                    type="background_tasks.TaskInterrupted",
+                    message=(
+                        f"the task was interrupted {recoveries + 1} times, more than"
+                        f" max_recoveries={self.max_recoveries}: its process stopped or"
+                        f" crashed while running it (last owner {owner!r})"
+                    ),
+                ).model_dump_json()
+            else:
+                target, finished_at, error = TaskStatus.PENDING, None, None
+            found = cur.execute(
+                sql["reclaim"], (target.value, writer, finished_at, error, task_id, version)
+            ).fetchone()
+            if found is not None:
+                row = _to_row(found)
+                rows.append(row)
+                tx.touched.append(task_id)
+                tx.history.append(
+                    (task_id, row.version, TaskStatus.RUNNING.value, target.value,
+                     row.attempts, self.now, writer, error)
+                )  # fmt: skip
+        return rows
+
+
+class _PurgeStep(_Op):
+    __slots__ = ("batch", "older_than")
+
+    def __init__(self, older_than: float, batch: int) -> None:
+        super().__init__()
+        self.older_than = older_than
+        self.batch = batch
+
+    def run(self, tx: _Tx) -> int:
+        tx.flush()
+        sql = tx.j._sql
+        ids = [r[0] for r in tx.cur.execute(sql["purge"], (self.older_than, self.batch))]
+        if ids:
+            tx.cur.execute(sql["purge_history"], (ids,))
+        return len(ids)

@@ -1,0 +1,227 @@
+"""The PostgreSQL journal's schema: the migrations that make and upgrade it, the columns
+a row is read and written with, and every statement of the journal but ``apply``'s
+(``statements``, for one schema name).
+
+``prepare`` runs on the writer connection at open, under an advisory lock so that
+concurrent openers migrate once: it checks that the schema is a journal's (or empty)
+and not newer than this code, and migrates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any, Final
+
+import psycopg
+
+from ..._errors import JournalError
+from ..._states import TaskStatus
+from .._protocol import TaskRow
+
+__all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "prepare", "statements"]
+
+#: The LISTEN/NOTIFY channel; the payload is ``"<schema> <owner>"``.
+CHANNEL: Final = "background_tasks"
+
+#: Forward migrations: ``MIGRATIONS[n]`` takes a schema from version n to n + 1. ``@``
+#: stands for the quoted schema name. Each runs in one transaction, under an advisory
+#: lock, so concurrent openers migrate once. Never edit a released entry: append.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        "CREATE TABLE @.meta (key text PRIMARY KEY, value bigint NOT NULL)",
+        "INSERT INTO @.meta (key, value) VALUES ('rev', 0)",
+        """CREATE TABLE @.tasks (
+            id text COLLATE "C" PRIMARY KEY,
+            name text NOT NULL,
+            queue text NOT NULL,
+            status text NOT NULL,
+            priority bigint NOT NULL,
+            args_json text NOT NULL,
+            kwargs_json text NOT NULL,
+            key text,
+            attempts bigint NOT NULL,
+            max_attempts bigint NOT NULL,
+            created_at double precision NOT NULL,
+            scheduled_at double precision NOT NULL,
+            options_json text,
+            recoveries bigint NOT NULL DEFAULT 0,
+            started_at double precision,
+            finished_at double precision,
+            result_json text,
+            error_json text,
+            progress_json text,
+            owner text,
+            lease_until double precision,
+            cancel_requested boolean NOT NULL DEFAULT false,
+            version bigint NOT NULL DEFAULT 0,
+            rev bigint NOT NULL,
+            writer text
+        )""",
+        "CREATE INDEX tasks_rev ON @.tasks (rev)",
+        "CREATE INDEX tasks_status ON @.tasks (status, id)",
+        "CREATE UNIQUE INDEX tasks_live_key ON @.tasks (key)"
+        " WHERE key IS NOT NULL AND status IN ('pending', 'running', 'retrying')",
+        "CREATE INDEX tasks_finished ON @.tasks (finished_at) WHERE finished_at IS NOT NULL",
+        # tasks_ready served claim_next, which is gone; dropping it takes a migration.
+        "CREATE INDEX tasks_ready ON @.tasks (priority DESC, id)"
+        " WHERE status IN ('pending', 'retrying')",
+        "CREATE INDEX tasks_running ON @.tasks (owner, lease_until) WHERE status = 'running'",
+        """CREATE TABLE @.history (
+            task_id text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL,
+            source text,
+            target text NOT NULL,
+            attempt bigint NOT NULL,
+            at double precision NOT NULL,
+            owner text,
+            error_json text,
+            PRIMARY KEY (task_id, seq)
+        )""",
+    ),
+)
+
+#: The schema version this code writes; a schema with a newer one is refused at open.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(TaskRow))
+_COLS: Final = ", ".join(_COLUMNS)
+_STATUS: Final = {s.value: s for s in TaskStatus}
+_row_values: Final = attrgetter(*_COLUMNS)
+_STATUS_INDEX: Final = _COLUMNS.index("status")
+_LIVE: Final = "('pending', 'running', 'retrying')"
+_TERMINAL: Final = "('completed', 'failed', 'cancelled')"
+
+#: Fields a Change may set: every TaskRow attribute but the ones the journal owns.
+_SETTABLE: Final = frozenset(_COLUMNS) - {"id", "status", "version"}
+_CLEARS_CANCEL: Final = frozenset(
+    {
+        TaskStatus.PENDING,
+        TaskStatus.RETRYING,
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.CANCELLED,
+    }
+)
+
+
+def _to_row(r: Sequence[Any]) -> TaskRow:
+    return TaskRow(
+        r[0], r[1], r[2], _STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+        r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], r[21], r[22],
+    )  # fmt: skip
+
+
+_HISTORY_CONFLICT: Final = (
+    " ON CONFLICT (task_id, seq) DO UPDATE SET source = excluded.source,"
+    " target = excluded.target, attempt = excluded.attempt, at = excluded.at,"
+    " owner = excluded.owner, error_json = excluded.error_json"
+)
+
+
+def statements(s: str) -> dict[str, str]:
+    """Every statement of the journal but ``apply``'s, by name, for the schema ``s`` (quoted)."""
+    returning = " RETURNING " + _COLS
+    sql = {
+        "insert": f"INSERT INTO @.tasks ({_COLS}, rev, writer)"
+        f" VALUES ({', '.join(['%s'] * len(_COLUMNS))}, 0, %s)",
+        "live_key": f"SELECT {_COLS} FROM @.tasks WHERE key = %s AND status IN {_LIVE}",
+        "insert_history": "INSERT INTO @.history VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        + _HISTORY_CONFLICT,
+        "request_cancel": "UPDATE @.tasks SET cancel_requested = true, writer = %s"
+        " WHERE id = %s AND status = 'running'" + returning,
+        "set_progress": "UPDATE @.tasks SET progress_json = %s"
+        " WHERE id = %s AND status = 'running' AND owner = %s AND version = %s",
+        "renew": "UPDATE @.tasks SET lease_until = %s WHERE status = 'running' AND owner = %s",
+        "expired": "SELECT id, version, recoveries, owner, cancel_requested FROM @.tasks"
+        " WHERE status = 'running' AND lease_until < %s ORDER BY id FOR UPDATE SKIP LOCKED",
+        "reclaim": "UPDATE @.tasks SET status = %s, version = version + 1, writer = %s,"
+        " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
+        " cancel_requested = false, finished_at = coalesce(%s, finished_at),"
+        " error_json = coalesce(%s, error_json)"
+        " WHERE id = %s AND version = %s AND status = 'running'" + returning,
+        "purge": "DELETE FROM @.tasks WHERE id IN (SELECT id FROM @.tasks"
+        f" WHERE finished_at < %s AND status IN {_TERMINAL} LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " RETURNING id",
+        "purge_history": "DELETE FROM @.history WHERE task_id = ANY(%s)",
+        # The last statement of a write transaction: see the module docstring.
+        "bump": "WITH r AS (UPDATE @.meta SET value = value + 1 WHERE key = 'rev'"
+        " RETURNING value), t AS (UPDATE @.tasks SET rev = (SELECT value FROM r)"
+        " WHERE id = ANY(%s)) SELECT value, pg_notify(%s, %s) FROM r",
+        "read_rev": "SELECT value FROM @.meta WHERE key = 'rev'",
+        "get": f"SELECT {_COLS} FROM @.tasks WHERE id = %s",
+        "runnable": f"SELECT {_COLS} FROM @.tasks WHERE status IN ('pending', 'retrying')"
+        " ORDER BY priority DESC, id",
+        "changes": f"SELECT {_COLS} FROM @.tasks WHERE rev > %s AND rev <= %s"
+        " AND (writer IS NULL OR writer <> %s) ORDER BY rev, id",
+        "history": "SELECT task_id, source, target, attempt, at, owner, error_json"
+        " FROM @.history WHERE task_id = %s ORDER BY seq",
+        "counts": "SELECT status, count(*) FROM @.tasks GROUP BY status",
+        "expired_rows": f"SELECT {_COLS} FROM @.tasks"
+        " WHERE status = 'running' AND lease_until < %s ORDER BY id",
+        "counts_by_queue": "SELECT queue, status, count(*) FROM @.tasks GROUP BY queue, status",
+        "finished_since": "SELECT status, count(*) FROM @.tasks"
+        f" WHERE finished_at >= %s AND status IN {_TERMINAL} GROUP BY status",
+        "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
+    }
+    insert_keyed = sql["insert"] + (
+        f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {_LIVE} DO NOTHING"
+    )
+    sql["insert_keyed"] = insert_keyed + " RETURNING id"
+    return {k: v.replace("@.", s + ".") for k, v in sql.items()}
+
+
+def prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
+    """Check the schema, then (only if it is ours and not newer) migrate it."""
+    s = schema
+    conn.execute("BEGIN")
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{CHANNEL}:schema:{s}",))
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (s,)).fetchone()
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = %s"
+                " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+                (s,),
+            )
+        }
+        version: int | None = None
+        if "meta" in tables:
+            got = conn.execute(
+                f"SELECT value FROM \"{s}\".meta WHERE key = 'schema_version'"
+            ).fetchone()
+            version = None if got is None else int(got[0])
+        if version is None and tables:
+            raise JournalError(
+                f"cannot open journal {where}: the schema holds tables of something"
+                f" else ({', '.join(sorted(tables))}), not a background_tasks journal"
+            )
+        if version is not None and version > SCHEMA_VERSION:
+            raise JournalError(
+                f"cannot open journal {where}: its schema version {version} is"
+                f" newer than this version of background_tasks knows ({SCHEMA_VERSION});"
+                " upgrade background_tasks"
+            )
+        if version == SCHEMA_VERSION:
+            conn.execute("ROLLBACK")
+            return
+        if found is None:
+            conn.execute(f'CREATE SCHEMA "{s}"')
+        for script in MIGRATIONS[version or 0 :]:
+            for statement in script:
+                conn.execute(statement.replace("@.", f'"{s}".'))
+        conn.execute(
+            f"INSERT INTO \"{s}\".meta (key, value) VALUES ('schema_version', %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (SCHEMA_VERSION,),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.broken and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,612 @@
+"""The SQLite journal: durable tasks in one file, shared by every process that opens it.
+
+How a write travels (DESIGN.md §2, "durable acknowledgement"):
+
+* A caller builds an operation object (``_Insert``, ``_Apply``, ...) on the event loop and
+  appends it to the open *batch*. The first operation of a batch makes its caller the
+  batch's *leader*; everyone else just waits on the batch's one ``anyio.Event``.
+* The leader waits (shielded) until the previous batch is written, closes its batch (later
+  operations open the next one, which is how many callers share one commit), and runs the
+  whole batch in a worker thread on the write connection: ``BEGIN IMMEDIATE``, the
+  operations, ``COMMIT``. Then it sets the batch's event and every waiter reads its own
+  result from its operation.
+* The operations are not written one statement each: all plain inserts of the batch go
+  in one ``INSERT ... SELECT FROM (VALUES ...)``, all changes of one shape (fields,
+  source, target) in one ``UPDATE ... FROM (VALUES ...)``, and every history line in one
+  more INSERT (``_Writer``): a handful of sqlite3 calls per batch, each of which hands
+  the GIL to the event loop and back, instead of several per operation. Rows claimed as
+  they were submitted bind only the columns that vary, and SQLite makes their history
+  lines from the new rows; NULLs go as cheaper stand-ins (``_NULL_AS``). Operations that
+  must see the rows as they are (a keyed insert, a cancel request, a reclaim) first write
+  what was collected.
+* An operation that fails on its own (a constraint, a value SQLite cannot bind) must not
+  fail the others: the batch is rolled back and replayed with one SAVEPOINT per
+  operation, so only the guilty one gets the error. A failure of the transaction itself
+  (disk full, I/O error, a lock held for longer than ``busy_timeout``) fails every
+  operation of the batch with ``JournalError``; nothing of it was stored.
+
+sqlite3 never runs on the event loop thread. Reads use a second connection, one at a time
+(``anyio.Lock``), in a worker thread. The database is in WAL mode, so readers never wait
+for the writer and the writer never waits for readers; writers of several processes take
+turns through ``BEGIN IMMEDIATE`` and the busy timeout.
+
+The change cursor (``rev``) is a counter kept in ``meta``, bumped once per write
+transaction that needs it, under the write lock, so it only grows, across processes, and
+even after ``purge`` deleted the newest rows. Every row written by that transaction gets
+the new value: a reader's snapshot holds either all of a transaction's rows or none.
+
+This module is the journal (connections, batches, reads); ``_schema`` holds the
+migrations and the columns, ``_batch`` the set-based statements and the ``_Writer`` a
+batch runs with, ``_ops`` the write operations.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from ..._errors import InvalidTransition, JournalError
+from ..._models import ErrorInfo, TransitionRecord, utc
+from ..._states import TaskStatus
+from .._group_commit import GroupCommit, purge_in_steps
+from .._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
+from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
+from ._ops import (
+    _Apply,
+    _ApplySoon,
+    _Insert,
+    _Op,
+    _PurgeStep,
+    _Reclaim,
+    _Renew,
+    _RequestCancel,
+    _SetProgress,
+)
+from ._schema import (
+    _BUMP_REV,
+    _CACHE_KIB,
+    _COLUMNS,
+    _EXPIRED,
+    _READ_REV,
+    _SELECT,
+    _STATUS,
+    _TERMINAL,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    _to_row,
+    prepare,
+)
+
+__all__ = ["MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteJournal"]
+
+_T = TypeVar("_T")
+
+_SYNC: Final[dict[str, Literal["FULL", "NORMAL"]]] = {"FULL": "FULL", "NORMAL": "NORMAL"}
+
+#: Operations in one transaction at most (the batch is bounded; later ones wait).
+MAX_BATCH: Final = 2000
+
+#: Errors that belong to one operation (its values or a constraint), not to the batch.
+_OP_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+_BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _is_busy(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        (code is not None and code & 0xFF in _BUSY) or "locked" in str(exc)
+    )
+
+
+class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
+    """A journal in one SQLite file (WAL mode), safe to share between processes.
+
+    ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
+    loss; ``"NORMAL"`` is faster and still survives a crash of the process, but the last
+    transactions before a power loss or OS crash may be lost. ``busy_timeout`` is how
+    long a write waits for another process's transaction before ``JournalError``.
+    ``create=False`` refuses a path that does not exist yet (for tools that only read).
+    """
+
+    lease_timeout: float
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease_timeout: float = 30.0,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout: float = 10.0,
+        create: bool = True,
+    ) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError("path must be a text path, not bytes")
+        if text in ("", ":memory:") or text.startswith("file:"):
+            raise ValueError(
+                f"path: {text!r} is not a file path; an in-memory database cannot be shared"
+                " (use journal=None for an in-memory manager)"
+            )
+        for name, value in (("lease_timeout", lease_timeout), ("busy_timeout", busy_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+            if not (0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number of seconds")
+        checked = _SYNC.get(synchronous.upper()) if isinstance(synchronous, str) else None
+        if checked is None:
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+        self.path = text
+        self.lease_timeout = float(lease_timeout)
+        self.synchronous = checked
+        self.busy_timeout = float(busy_timeout)
+        self.create = bool(create)
+        #: committed write transactions (group commit puts many operations in one)
+        self.commits = 0
+        self._owner = ""
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._read_lock: anyio.Lock | None = None
+        self._closing = False
+        self._commits = GroupCommit(self._write_batch, MAX_BATCH)
+        self._shapes: dict[tuple[tuple[str, ...], TaskStatus, TaskStatus], _Shape] = {}
+        self._grouped = _SET_BASED
+        self._max_rows = _MAX_ROWS
+
+    def __repr__(self) -> str:
+        state = "open" if self._wconn is not None else "closed"
+        return f"<SQLiteJournal {self.path!r} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self, owner: str) -> None:
+        if self._wconn is not None:
+            raise RuntimeError(f"journal {self.path} is already open")
+        self._owner = owner
+        self._wconn, self._rconn = await anyio.to_thread.run_sync(self._open_sync)
+        self._read_lock = anyio.Lock()
+
+    async def close(self) -> None:
+        if self._wconn is None or self._closing:
+            return
+        self._closing = True  # new operations now raise; queued ones still get written
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._commits.drain()
+                read_lock = self._read_lock
+                assert read_lock is not None
+                async with read_lock:  # let a read in flight finish
+                    wconn, rconn = self._wconn, self._rconn
+                    self._wconn = self._rconn = None
+                    self._commits.reset()
+                    await anyio.to_thread.run_sync(_close_all, (rconn, wconn))
+        finally:
+            self._closing = False
+
+    def _connect(self, *, first: bool) -> sqlite3.Connection:
+        if first and not self.create:
+            target = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+            conn = sqlite3.connect(
+                target, uri=True, isolation_level=None, check_same_thread=False,
+                timeout=self.busy_timeout, cached_statements=512,
+            )  # fmt: skip
+        else:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False,
+                timeout=self.busy_timeout, cached_statements=512,
+            )  # fmt: skip
+        return conn
+
+    def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        self._check_path()
+        wconn: sqlite3.Connection | None = None
+        rconn: sqlite3.Connection | None = None
+        try:
+            wconn = self._connect(first=True)
+            self._retry_busy(
+                lambda: prepare(
+                    wconn, where=self.path, synchronous=self.synchronous, begin=self._begin
+                )
+            )
+            # The widest set-based row is an insert's (the flag, every column); keep
+            # within the number of parameters this SQLite build takes in one statement.
+            limit = wconn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            rows = _MAX_ROWS
+            while rows > 1 and rows * (1 + len(_COLUMNS)) + 2 > limit:
+                rows = rows - 32 if rows > 64 else rows - 8 if rows > 8 else rows - 1
+            self._max_rows = rows
+            rconn = self._connect(first=False)
+            rconn.execute("PRAGMA query_only = 1")
+            rconn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
+            return wconn, rconn
+        except BaseException as exc:
+            _close_all((rconn, wconn))
+            if isinstance(exc, JournalError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise JournalError(f"cannot open journal {self.path}: {self._reason(exc)}") from exc
+            raise
+
+    def _check_path(self) -> None:
+        path = self.path
+        if os.path.isdir(path):
+            raise JournalError(f"cannot open journal {path}: it is a directory, not a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise JournalError(f"cannot open journal {path}: its directory {parent} does not exist")
+        if not self.create and not os.path.exists(path):
+            raise JournalError(f"cannot open journal {path}: no such file")
+
+    def _reason(self, exc: BaseException) -> str:
+        text = str(exc)
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        if primary == sqlite3.SQLITE_NOTADB or "not a database" in text:
+            return f"the file is not an SQLite database ({text})"
+        if primary == sqlite3.SQLITE_CORRUPT:
+            return f"the database file is corrupt ({text})"
+        if primary == sqlite3.SQLITE_READONLY or "readonly" in text:
+            return f"the file or its directory is read-only ({text})"
+        if primary == sqlite3.SQLITE_FULL or "disk is full" in text:
+            return f"the disk is full ({text})"
+        if primary == sqlite3.SQLITE_CANTOPEN:
+            if not os.access(os.path.dirname(os.path.abspath(self.path)), os.W_OK):
+                return f"the file or its directory is read-only ({text})"
+            return f"the file cannot be opened ({text})"
+        if primary == sqlite3.SQLITE_IOERR:
+            return f"an I/O error occurred, maybe the disk is full ({text})"
+        if _is_busy(exc):
+            return (
+                f"the database stayed locked by another connection for more than"
+                f" {self.busy_timeout:g} s ({text})"
+            )
+        return text
+
+    def _retry_busy(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn``, retrying with backoff while another connection holds a lock.
+
+        SQLite's own busy handler already waits ``busy_timeout``; this covers the cases it
+        does not (WAL recovery, a lock upgrade) and bounds the total wait.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+
+    # ------------------------------------------------------------------ writing
+
+    def _require_open(self) -> None:
+        if self._wconn is None or self._closing:
+            raise JournalError(f"journal {self.path} is not open")
+
+    def _write(self, op: _Op) -> Coroutine[Any, Any, Any]:
+        """Add ``op`` to the open batch; the coroutine waits until its batch is committed
+        and returns its result. (Not itself a coroutine: one frame fewer per write.)"""
+        self._require_open()
+        return self._commits.write(op)
+
+    def _write_batch(self, ops: list[_Op]) -> None:
+        """Run one batch in one transaction (worker thread)."""
+        conn = self._wconn
+        if conn is None:  # closed underneath (only after a failed close)
+            for op in ops:
+                op.error = JournalError(f"journal {self.path} is not open")
+            return
+        try:
+            if self._run_batch(conn, ops, careful=False):
+                return
+            self._run_batch(conn, ops, careful=True)
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for op in ops:
+                op.result = None
+                error = JournalError(f"cannot write journal {self.path}: {self._reason(exc)}")
+                error.__cause__ = exc
+                op.error = error
+            if not isinstance(exc, Exception):
+                raise
+
+    def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op], *, careful: bool) -> bool:
+        """One attempt at the batch; False if an operation failed on its own (fast path).
+
+        ``careful`` runs each operation by itself in a SAVEPOINT, so that a failing one is
+        undone alone and gets its own error; the others still commit.
+        """
+        self._begin(conn)
+        w = _Writer(
+            conn, self._owner, grouped=self._grouped and not careful, max_rows=self._max_rows
+        )
+        if any(op.bumps for op in ops):
+            w.rev = conn.execute(_BUMP_REV).fetchone()[0]
+        if not careful:
+            try:
+                if w.grouped:
+                    for op in ops:
+                        op.add(w)
+                    w.flush()
+                else:
+                    for op in ops:
+                        op.result = op.run(w)
+                if w.history:
+                    w.write_history()
+            except (*_OP_ERRORS, InvalidTransition):
+                conn.execute("ROLLBACK")
+                return False
+        else:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                w.history.clear()
+                op.error = None
+                try:
+                    op.result = op.run(w)
+                    if w.history:
+                        w.write_history()
+                except (*_OP_ERRORS, InvalidTransition) as exc:
+                    conn.execute("ROLLBACK TO op")
+                    op.result = None
+                    op.error = self._op_error(exc, op)
+                conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+        self.commits += 1
+        return True
+
+    def _op_error(self, exc: BaseException, op: _Op) -> BaseException:
+        if not isinstance(exc, sqlite3.Error):
+            return exc
+        what = type(op).__name__.strip("_").lower()
+        if isinstance(op, _Apply):
+            what = f"apply {op.shape.source}->{op.shape.target} to task {op.change.task_id}"
+        elif isinstance(op, _Insert):
+            what = f"insert task {op.row.id}"
+        error = JournalError(f"cannot {what} in journal {self.path}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def insert(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
+        return self._write(_Insert(row))
+
+    def insert_claimed(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
+        """``ClaimingJournal.insert_claimed``: without a key, one set-based INSERT for all
+        such rows of a batch, binding only the columns that vary, and their history lines
+        made by SQLite from the new rows (``_Writer._claims``)."""
+        return self._write(_Insert(row, claimed=True))
+
+    def _shape(self, change: Change) -> _Shape:
+        key = (tuple(change.fields), change.source, change.target)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(*key)
+        return shape
+
+    def apply(self, change: Change) -> Coroutine[Any, Any, bool]:
+        return self._write(_Apply(change, self._shape(change)))
+
+    def apply_soon(
+        self, change: Change, settle: Callable[[bool, BaseException | None], None]
+    ) -> Awaitable[None] | None:
+        """``BatchingJournal.apply_soon``: the change joins the open batch if there is one
+        (no coroutine: None), or this call leads the next batch (the awaitable)."""
+        op = _ApplySoon(change, self._shape(change), settle)
+        self._require_open()
+        if self._commits.add(op):
+            return None
+        return self._lead_soon(op)
+
+    async def _lead_soon(self, op: _ApplySoon) -> None:
+        with contextlib.suppress(Exception):  # settle has the outcome
+            await self._commits.write(op)
+
+    async def request_cancel(self, task_id: str) -> TaskRow | None:
+        result: TaskRow | None = await self._write(_RequestCancel(task_id))
+        return result
+
+    async def set_progress(
+        self, task_id: str, owner: str, version: int, progress_json: str
+    ) -> None:
+        await self._write(_SetProgress((progress_json, task_id, owner, version)))
+
+    async def renew(self, owner: str, lease_until: float) -> None:
+        await self._write(_Renew(owner, lease_until))
+
+    async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
+        """Deprecated, to be removed (see ``Journal.reclaim``)."""
+        result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
+        return result
+
+    async def purge(self, older_than: float, batch: int = 1000) -> int:
+        return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._require_open()
+        assert self._read_lock is not None
+        async with self._read_lock:
+            conn = self._rconn
+            if conn is None:
+                raise JournalError(f"journal {self.path} is not open")
+            return await anyio.to_thread.run_sync(self._read_sync, conn, fn)
+
+    def _read_sync(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        try:
+            return self._retry_busy(lambda: fn(conn))
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise JournalError(f"cannot read journal {self.path}: {self._reason(exc)}") from exc
+
+    @staticmethod
+    def _snapshot(
+        conn: sqlite3.Connection, sql: str, params: Iterable[Any]
+    ) -> tuple[list[TaskRow], int]:
+        """Rows of ``sql`` and the change counter, from one read transaction."""
+        conn.execute("BEGIN")
+        try:
+            rows = [_to_row(r) for r in conn.execute(sql, tuple(params))]
+            rev = int(conn.execute(_READ_REV).fetchone()[0])
+        finally:
+            conn.execute("COMMIT")
+        return rows, rev
+
+    async def get(self, task_id: str) -> TaskRow | None:
+        def read(conn: sqlite3.Connection) -> TaskRow | None:
+            found = conn.execute(_SELECT + " WHERE id = ?", (task_id,)).fetchall()
+            return _to_row(found[0]) if found else None
+
+        return await self._read(read)
+
+    async def list(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("queue", queue), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value.value if isinstance(value, TaskStatus) else value)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[TaskRow]:
+            return [_to_row(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT task_id, source, target, attempt, at, owner, error_json FROM history"
+                " WHERE task_id = ? ORDER BY seq",
+                (task_id,),
+            ).fetchall()
+
+        return [
+            TransitionRecord(
+                task_id=tid,
+                source=None if source is None else _STATUS[source],
+                target=_STATUS[target],
+                attempt=attempt,
+                at=utc(at),
+                owner=owner,
+                error=None if error is None else ErrorInfo.model_validate_json(error),
+            )
+            for tid, source, target, attempt, at, owner, error in await self._read(read)
+        ]
+
+    async def expired(self, now: float) -> builtins.list[TaskRow]:
+        def read(conn: sqlite3.Connection) -> builtins.list[TaskRow]:
+            return [_to_row(r) for r in conn.execute(_EXPIRED, (now,))]
+
+        return await self._read(read)
+
+    async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
+        sql = _SELECT + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
+        return await self._read(lambda conn: self._snapshot(conn, sql, ()))
+
+    async def changes(self, since: int, exclude_owner: str) -> tuple[builtins.list[TaskRow], int]:
+        sql = _SELECT + " WHERE rev > ? AND (writer IS NULL OR writer != ?) ORDER BY rev, id"
+
+        def read(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRow], int]:
+            rows, rev = self._snapshot(conn, sql, (since, exclude_owner))
+            return rows, max(rev, since)
+
+        return await self._read(read)
+
+    async def counts(self) -> dict[TaskStatus, int]:
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, int]]:
+            return conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()
+
+        counts = dict.fromkeys(TaskStatus, 0)
+        for status, n in await self._read(read):
+            counts[_STATUS[status]] = n
+        return counts
+
+    # ------------------------------------------------------------------ InspectableJournal
+    # For ``bgtasks status``. None needs an index of its own: an index on (queue, status)
+    # would cost every status change a b-tree write.
+
+    async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
+        """How many tasks each queue has in each status (only pairs that occur).
+
+        Reads the whole table: linear in the number of rows the journal keeps.
+        """
+
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, str, int]]:
+            return conn.execute(
+                "SELECT queue, status, count(*) FROM tasks GROUP BY queue, status"
+            ).fetchall()
+
+        return {(queue, _STATUS[status]): n for queue, status, n in await self._read(read)}
+
+    async def finished_since(self, since: float) -> dict[TaskStatus, int]:
+        """How many tasks finished (COMPLETED, FAILED, CANCELLED) at or after ``since``
+        (epoch seconds), by status; every finished status is a key."""
+
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, int]]:
+            return conn.execute(
+                "SELECT status, count(*) FROM tasks INDEXED BY tasks_finished"
+                f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {_TERMINAL}"
+                " GROUP BY status",
+                (since,),
+            ).fetchall()
+
+        counts = {s: 0 for s in TaskStatus if s.is_terminal}
+        for status, n in await self._read(read):
+            counts[_STATUS[status]] = n
+        return counts
+
+    async def oldest(self, status: TaskStatus) -> TaskRow | None:
+        """The earliest created task in ``status`` (ids sort by creation); None if none."""
+        value = TaskStatus(status).value
+
+        def read(conn: sqlite3.Connection) -> TaskRow | None:
+            found = conn.execute(
+                _SELECT + " WHERE status = ? ORDER BY id LIMIT 1", (value,)
+            ).fetchall()
+            return _to_row(found[0]) if found else None
+
+        return await self._read(read)
+
+
+def _close_all(conns: Iterable[sqlite3.Connection | None]) -> None:
+    for conn in conns:
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()

@@ -1,0 +1,299 @@
+"""The SQLite journal's operations: one class per kind of write, built on the event loop
+and run in the batch's worker thread, either by itself (``run``) or collected by the
+batch's ``_Writer`` for a set-based statement (``add``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from ..._errors import InvalidTransition
+from ..._models import ErrorInfo
+from ..._states import TaskStatus
+from .._protocol import Change, TaskRow
+from ._batch import _AT_FIELDS, _CANCEL_INDEX, _INSERT, _ROW_NULLS, _claim_values, _Shape, _Writer
+from ._schema import _LIVE, _LIVE_KEY, _RETURNING, _STATUS_INDEX, _TERMINAL, _row_values, _to_row
+
+
+class _Op:
+    __slots__ = ("error", "result")
+    #: whether the operation bumps the change cursor (so the batch reads the counter)
+    bumps = True
+    #: whether the caller waits for the commit (False: progress, which may ride along)
+    awaited = True
+    #: whether the caller is woken before the others of the batch (see GroupCommit)
+    first = False
+    #: what to call once the batch ended, for a caller that does not wait (``apply_soon``)
+    settle: Callable[[Any], None] | None = None
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, w: _Writer) -> Any:
+        """Write this operation by itself; returns its result."""
+        raise NotImplementedError
+
+    def add(self, w: _Writer) -> None:
+        """Write (or collect) this operation on the fast path; sets ``result``."""
+        w.flush()
+        self.result = self.run(w)
+
+
+class _Insert(_Op):
+    __slots__ = ("claim", "row")
+
+    def __init__(self, row: TaskRow, *, claimed: bool = False) -> None:
+        super().__init__()
+        self.row = row
+        #: A row claimed as it was submitted (``insert_claimed``) goes as its flag,
+        #: ``_claim_values`` and three nullable columns only (``_Writer._claims``); the
+        #: other columns are ``_CLAIMED``'s.
+        self.claim: tuple[Any, ...] | None = None
+        if claimed:
+            options, owner, lease = row.options_json, row.owner, row.lease_until
+            self.claim = (
+                1,
+                *_claim_values(row),
+                0 if options is None else options,  # stand-ins for NULL: _NULL_AS
+                0 if owner is None else owner,
+                "" if lease is None else lease,
+            )
+
+    def values(self) -> list[Any]:
+        """Every column's value, stand-ins for NULL (``_NULL_AS``)."""
+        row = self.row
+        values = list(_row_values(row))
+        values[_STATUS_INDEX] = row.status.value
+        values[_CANCEL_INDEX] = int(row.cancel_requested)
+        for i, null in _ROW_NULLS:
+            if values[i] is None:
+                values[i] = null
+        return values
+
+    def history(self, lines: list[tuple[Any, ...]]) -> None:
+        row = self.row
+        owner = 0 if row.owner is None else row.owner  # 0: NULL (_NULL_AS)
+        if self.claim is not None:  # claimed as submitted
+            # (the fast path writes these two with _CLAIM_HISTORY instead)
+            lines.append((row.id, 0, 0, "pending", 0, row.created_at, owner, 0))
+            lines.append((row.id, 1, "pending", "running", 1, row.started_at, owner, 0))
+            return
+        error = 0 if row.error_json is None else row.error_json
+        status, created = row.status.value, row.created_at
+        lines.append((row.id, row.version, 0, status, row.attempts, created, owner, error))
+
+    def add(self, w: _Writer) -> None:
+        if self.row.key is None and not w.alone(self.row.id):
+            (w.inserts if self.claim is None else w.claims).append(self)
+        else:
+            w.touched.add(self.row.id)
+            _Op.add(self, w)
+
+    def run(self, w: _Writer) -> TaskRow:
+        row = self.row
+        if row.key is not None:
+            live = w.conn.execute(_LIVE_KEY, (row.key,)).fetchall()
+            if live:
+                return _to_row(live[0])
+        w.conn.execute(_INSERT, (*self.values(), w.rev, w.owner))
+        self.history(w.history)
+        return row
+
+
+class _Apply(_Op):
+    __slots__ = ("change", "shape", "values")
+    first = True
+
+    def __init__(self, change: Change, shape: _Shape) -> None:
+        super().__init__()
+        self.change = change
+        self.shape = shape
+        values = [change.task_id, change.version, *change.fields.values()]
+        for i, null in shape.nulls:
+            if values[i] is None:
+                values[i] = null
+        self.values = values
+
+    def history(self) -> tuple[Any, ...]:
+        c, shape = self.change, self.shape
+        owner = 0 if c.owner is None else c.owner  # 0: NULL (_NULL_AS)
+        error = c.fields.get("error_json")
+        error = 0 if error is None else error
+        return (c.task_id, c.version + 1, shape.source, shape.target, c.attempt, c.at, owner, error)
+
+    def add(self, w: _Writer) -> None:
+        # A change with lease_before (a takeover, rare) runs by itself.
+        if self.change.lease_before is None and not w.alone(self.change.task_id):
+            group = w.groups.get(self.shape)
+            if group is None:
+                w.groups[self.shape] = [self]
+            else:
+                group.append(self)
+        else:
+            w.touched.add(self.change.task_id)
+            _Op.add(self, w)
+
+    def run(self, w: _Writer) -> bool:
+        c = self.change
+        params: tuple[Any, ...] = (w.rev, w.owner, *self.values[_AT_FIELDS:], c.task_id, c.version)
+        sql = self.shape.sql
+        if c.lease_before is not None:
+            params, sql = (*params, c.lease_before), self.shape.lease_sql
+        try:
+            applied = w.conn.execute(sql, params).rowcount > 0
+        except sqlite3.IntegrityError as exc:
+            if c.target in _LIVE and "tasks.key" in str(exc):
+                found = w.conn.execute("SELECT key FROM tasks WHERE id = ?", (c.task_id,))
+                key = (found.fetchone() or (None,))[0]
+                raise InvalidTransition(
+                    f"another unfinished task holds the key {key!r}; task {c.task_id} cannot"
+                    f" go back to {self.shape.target}"
+                ) from exc
+            raise
+        if applied:
+            w.history.append(self.history())
+        return applied
+
+
+class _ApplySoon(_Apply):
+    """An ``_Apply`` whose caller does not wait: ``callback(applied, error)`` gets the
+    outcome (through a method, not a closure per operation: fewer objects in flight)."""
+
+    __slots__ = ("callback",)
+    awaited = False
+    first = False
+
+    def __init__(
+        self, change: Change, shape: _Shape, callback: Callable[[bool, BaseException | None], None]
+    ) -> None:
+        super().__init__(change, shape)
+        self.callback = callback
+
+    def settle(self, _op: Any) -> None:  # _op is self (GroupCommit passes the operation)
+        self.callback(bool(self.result), self.error)
+
+
+class _RequestCancel(_Op):
+    __slots__ = ("task_id",)
+    _sql = (
+        "UPDATE tasks SET cancel_requested = 1, rev = ?, writer = ?"
+        " WHERE id = ? AND status = 'running'" + _RETURNING
+    )
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    def run(self, w: _Writer) -> TaskRow | None:
+        found = w.conn.execute(self._sql, (w.rev, w.owner, self.task_id)).fetchall()
+        return _to_row(found[0]) if found else None
+
+
+class _SetProgress(_Op):
+    __slots__ = ("params",)
+    bumps = False
+    awaited = False
+    _sql = (
+        "UPDATE tasks SET progress_json = ?"
+        " WHERE id = ? AND status = 'running' AND owner = ? AND version = ?"
+    )
+
+    def __init__(self, params: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.params = params
+
+    def run(self, w: _Writer) -> None:
+        w.conn.execute(self._sql, self.params)
+
+
+class _Renew(_Op):
+    __slots__ = ("lease_until", "owner")
+    bumps = False
+    _sql = "UPDATE tasks SET lease_until = ? WHERE status = 'running' AND owner = ?"
+
+    def __init__(self, owner: str, lease_until: float) -> None:
+        super().__init__()
+        self.owner = owner
+        self.lease_until = lease_until
+
+    def run(self, w: _Writer) -> int:
+        return w.conn.execute(self._sql, (self.lease_until, self.owner)).rowcount
+
+
+class _Reclaim(_Op):
+    """Expired leases: back to PENDING, or FAILED after too many recoveries, or CANCELLED
+    if a cancel was asked for (it must not be lost with the owner that died)."""
+
+    __slots__ = ("max_recoveries", "now")
+    _expired = (
+        "SELECT id, version, recoveries, owner, cancel_requested FROM tasks"
+        " WHERE status = 'running' AND lease_until < ?"
+    )
+    _sql = (
+        "UPDATE tasks SET status = ?, version = version + 1, rev = ?, writer = ?,"
+        " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
+        " cancel_requested = 0, finished_at = coalesce(?, finished_at),"
+        " error_json = coalesce(?, error_json)"
+        " WHERE id = ? AND version = ? AND status = 'running'" + _RETURNING
+    )
+
+    def __init__(self, now: float, max_recoveries: int) -> None:
+        super().__init__()
+        self.now = now
+        self.max_recoveries = max_recoveries
+
+    def run(self, w: _Writer) -> list[TaskRow]:
+        rows: list[TaskRow] = []
+        for task_id, version, recoveries, owner, cancel in w.conn.execute(
+            self._expired, (self.now,)
+        ).fetchall():
+            error: str | None = None
+            finished_at: float | None = None
+            if cancel:
+                target, finished_at = TaskStatus.CANCELLED, self.now
+            elif recoveries + 1 > self.max_recoveries:
+                target, finished_at = TaskStatus.FAILED, self.now
+                error = ErrorInfo(
+                    type="background_tasks.TaskInterrupted",
+                    message=(
+                        f"the task was interrupted {recoveries + 1} times, more than"
+                        f" max_recoveries={self.max_recoveries}: its process stopped or"
+                        f" crashed while running it (last owner {owner!r})"
+                    ),
+                ).model_dump_json()
+            else:
+                target = TaskStatus.PENDING
+            found = w.conn.execute(
+                self._sql,
+                (target.value, w.rev, w.owner, finished_at, error, task_id, version),
+            ).fetchall()
+            w.touched.add(task_id)
+            if found:
+                row = _to_row(found[0])
+                rows.append(row)
+                w.history.append(
+                    (task_id, row.version, TaskStatus.RUNNING.value, target.value,
+                     row.attempts, self.now, w.owner, error)
+                )  # fmt: skip
+        return rows
+
+
+class _PurgeStep(_Op):
+    __slots__ = ("batch", "older_than")
+    bumps = False
+    _select = f"SELECT id FROM tasks WHERE finished_at < ? AND status IN {_TERMINAL} LIMIT ?"
+
+    def __init__(self, older_than: float, batch: int) -> None:
+        super().__init__()
+        self.older_than = older_than
+        self.batch = batch
+
+    def run(self, w: _Writer) -> int:
+        ids = w.conn.execute(self._select, (self.older_than, self.batch)).fetchall()
+        if ids:
+            w.conn.executemany("DELETE FROM history WHERE task_id = ?", ids)
+            w.conn.executemany("DELETE FROM tasks WHERE id = ?", ids)
+        return len(ids)
