@@ -82,9 +82,13 @@ class JournalSync:
 
     async def take_over_expired(self) -> None:
         """RUNNING rows whose lease ended: each taken over by the writer, and run here
-        if it goes back to PENDING."""
+        if it goes back to PENDING. Never this manager's own: it is alive (its lease ran
+        out while the journal was away), and it finishes what it holds."""
         now = time.time()
+        owner = self.writer.owner
         for row in await self.journal.expired(now):
+            if row.owner == owner:
+                continue
             taken = await self.writer.take_over(row, now)
             if taken is not None:
                 self.seen(taken)
