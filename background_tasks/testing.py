@@ -174,10 +174,19 @@ class JournalContract:
         async with opened(journal_factory(), PEER) as peer:
             yield peer
 
-    async def running(self, journal: Journal, owner: str = OWNER, **kw: Any) -> TaskRow:
-        """Insert a row and claim it for ``owner``; returns the RUNNING row."""
+    async def running(
+        self,
+        journal: Journal,
+        owner: str = OWNER,
+        *,
+        lease: float = 30.0,
+        now: float | None = None,
+        **kw: Any,
+    ) -> TaskRow:
+        """Insert a row and claim it for ``owner`` (at ``now``, for ``lease`` seconds);
+        returns the RUNNING row."""
         row = await journal.insert(make_row(**kw))
-        return await applied(journal, claim(row, owner))
+        return await applied(journal, claim(row, owner, lease=lease, now=now))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -537,13 +546,9 @@ class JournalContract:
         self, journal: Journal, peer: Journal
     ) -> None:
         now = time.time()
-        asked = await applied(
-            journal, claim(await journal.insert(make_row()), lease=1, now=now - 10)
-        )
+        asked = await self.running(journal, lease=1, now=now - 10)
         assert await journal.request_cancel(asked.id) is not None
-        plain = await applied(
-            journal, claim(await journal.insert(make_row()), lease=1, now=now - 10)
-        )
+        plain = await self.running(journal, lease=1, now=now - 10)
         back = {row.id: row for row in await peer.reclaim(now, max_recoveries=5)}
         assert (back[asked.id].status, back[asked.id].finished_at) == (X, now)
         assert (back[asked.id].owner, back[asked.id].cancel_requested) == (None, False)
@@ -555,13 +560,9 @@ class JournalContract:
         self, journal: Journal, peer: Journal
     ) -> None:
         now = time.time()
-        stale = await applied(
-            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
-        )
-        older = await applied(
-            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
-        )
-        ends_now = await applied(journal, claim(await journal.insert(make_row()), lease=0, now=now))
+        stale = await self.running(journal, lease=1, now=now - 100)
+        older = await self.running(journal, lease=1, now=now - 100)
+        ends_now = await self.running(journal, lease=0, now=now)
         live = await self.running(journal)
         await journal.insert(make_row())
         assert await peer.expired(now) == [stale, older]  # oldest first; "before": not at
@@ -574,9 +575,7 @@ class JournalContract:
         self, journal: Journal, peer: Journal
     ) -> None:
         now = time.time()
-        stale = await applied(
-            journal, claim(await journal.insert(make_row()), lease=1, now=now - 100)
-        )
+        stale = await self.running(journal, lease=1, now=now - 100)
         [seen] = await peer.expired(now)
         await journal.renew(OWNER, now + 30)  # the owner's heartbeat comes first
         assert await peer.apply(takeover(seen, PEER, now)) is False
@@ -598,12 +597,9 @@ class JournalContract:
     ) -> None:
         """Started together, so that a journal that batches writes puts them in one."""
         now = time.time()
-        dead = [
-            await applied(journal, claim(await journal.insert(make_row()), lease=1, now=now - 9))
-            for _ in range(3)
-        ]
+        dead = [await self.running(journal, lease=1, now=now - 9) for _ in range(3)]
         pending = [await journal.insert(make_row()) for _ in range(3)]
-        alive = await applied(journal, claim(await journal.insert(make_row()), lease=60, now=now))
+        alive = await self.running(journal, lease=60, now=now)
         changes = [takeover(row, PEER, now) for row in dead]
         changes.append(takeover(alive, PEER, now))  # its lease has not ended: refused
         changes += [claim(row, PEER) for row in pending[1:]]

@@ -92,32 +92,32 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..._errors import InvalidTransition, JournalError
-from ..._models import ErrorInfo, TransitionRecord, utc
-from ..._states import TaskStatus
-from .._group_commit import GroupCommit, purge_in_steps
+from .._group_commit import GroupCommit
 from .._protocol import Change, InspectableJournal, NotifyingJournal, TaskRow
+from .._sql import (
+    CLEARS_CANCEL,
+    Op,
+    SQLJournal,
+    check_fields,
+    check_seconds,
+    close_all,
+    not_open,
+    to_row,
+)
 from ._listen import Listener
 from ._ops import (
+    OPS,
     _Apply,
     _Insert,
     _Op,
-    _PurgeStep,
-    _Reclaim,
-    _Renew,
-    _RequestCancel,
-    _SetProgress,
     _Tx,
 )
 from ._schema import (
-    _CLEARS_CANCEL,
     _COLS,
     _HISTORY_CONFLICT,
-    _SETTABLE,
-    _STATUS,
     CHANNEL,
     MIGRATIONS,
     SCHEMA_VERSION,
-    _to_row,
     prepare,
     statements,
 )
@@ -169,7 +169,7 @@ def _redact(dsn: str) -> tuple[str, str | None]:
     return f"{scheme}://{netloc}{slash}{path}{question if query else ''}{query}", password
 
 
-class PostgresJournal(NotifyingJournal, InspectableJournal):
+class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
     ``dsn`` is a libpq connection string or URI (``postgresql://user:pw@host/db``);
@@ -180,6 +180,8 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
     """
 
     lease_timeout: float
+    _mark = "%s"
+    _ops = OPS
 
     def __init__(
         self,
@@ -199,15 +201,9 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
                 "dsn is not a PostgreSQL connection string: expected"
                 " 'postgresql://user@host:port/dbname' or 'host=... dbname=...'"
             ) from (None if "password" in dsn else exc)
-        for name, value in (
-            ("lease_timeout", lease_timeout),
-            ("connect_timeout", connect_timeout),
-            ("lock_timeout", lock_timeout),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number of seconds, not {value!r}")
-            if not (0 < value < float("inf")):
-                raise ValueError(f"{name} must be a positive finite number of seconds")
+        check_seconds(
+            lease_timeout=lease_timeout, connect_timeout=connect_timeout, lock_timeout=lock_timeout
+        )
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(
                 f"schema must be a PostgreSQL identifier (letters, digits, underscores,"
@@ -251,29 +247,30 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
 
     # ------------------------------------------------------------------ connections
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        """A new autocommit connection (worker thread)."""
-        return psycopg.connect(
+    def _connect(self, setup: str | None = None) -> psycopg.Connection[Any]:
+        """A new autocommit connection that ran ``setup`` (worker thread)."""
+        conn = psycopg.connect(
             self.dsn,
             autocommit=True,
             connect_timeout=max(2, round(self.connect_timeout)),
             application_name="background_tasks",
         )
+        if setup is not None:
+            try:
+                conn.execute(setup)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
     def _connect_writer(self) -> psycopg.Connection[Any]:
-        conn = self._connect()
-        try:
-            conn.execute(f"SET lock_timeout = {round(self.lock_timeout * 1000)}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return self._connect(f"SET lock_timeout = {round(self.lock_timeout * 1000)}")
 
     def _writer(self) -> psycopg.Connection[Any]:
         """The writer connection, connected again if it broke (worker thread)."""
         conn = self._wconn
         if conn is None:
-            raise JournalError(f"journal {self.where} is not open")
+            raise not_open(self.where)
         if conn.broken or conn.closed:
             conn.close()
             conn = self._wconn = self._connect_writer()
@@ -287,7 +284,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         self._owner = owner
         self._wconn, self._rconn = await anyio.to_thread.run_sync(self._open_sync)
         self._read_lock = anyio.Lock()
-        self._listener = Listener(self._connect, self.schema, owner)
+        self._listener = Listener(lambda: self._connect(f"LISTEN {CHANNEL}"), self.schema, owner)
 
     def _open_sync(self) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
         wconn: psycopg.Connection[Any] | None = None
@@ -298,7 +295,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
             rconn = self._connect()
             return wconn, rconn
         except BaseException as exc:
-            _close_all((rconn, wconn))
+            close_all((rconn, wconn), psycopg.Error)
             if isinstance(exc, psycopg.Error):
                 raise JournalError(
                     f"cannot open journal {self.where}: {self._reason(exc)}"
@@ -319,7 +316,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
             if read_lock is not None:
                 await read_lock.acquire()
             try:
-                await anyio.to_thread.run_sync(_close_all, conns)
+                await anyio.to_thread.run_sync(close_all, conns, psycopg.Error)
             finally:
                 if read_lock is not None:
                     read_lock.release()
@@ -328,9 +325,9 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
 
     def _require_open(self) -> None:
         if self._wconn is None:
-            raise JournalError(f"journal {self.where} is not open")
+            raise not_open(self.where)
 
-    async def _write(self, op: _Op) -> Any:
+    async def _write(self, op: Op) -> Any:
         """Add ``op`` to the open batch, wait until its batch is committed, return its result."""
         self._require_open()
         return await self._commits.write(op)
@@ -463,15 +460,11 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
     async def apply(self, change: Change) -> bool:
         fields = change.fields
         names = tuple(fields)
-        clear = change.target in _CLEARS_CANCEL and "cancel_requested" not in fields
+        clear = change.target in CLEARS_CANCEL and "cancel_requested" not in fields
         key = (names, clear, change.lease_before is not None)
         sql = self._sql_cache.get(key)
         if sql is None:
-            bad = [n for n in names if n not in _SETTABLE]
-            if bad:
-                raise ValueError(
-                    f"Change.fields has names that are not settable TaskRow fields: {bad}"
-                )
+            check_fields(names)
             sets = "".join(f", {n} = %s" for n in names)
             # One statement: the update and, if it matched, its history line.
             sql = (
@@ -489,26 +482,6 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         result: TaskRow | None = await self._write(_Apply(change, sql, list(fields.values())))
         return result is not None
 
-    async def request_cancel(self, task_id: str) -> TaskRow | None:
-        result: TaskRow | None = await self._write(_RequestCancel(task_id))
-        return result
-
-    async def set_progress(
-        self, task_id: str, owner: str, version: int, progress_json: str
-    ) -> None:
-        await self._write(_SetProgress((progress_json, task_id, owner, version)))
-
-    async def renew(self, owner: str, lease_until: float) -> None:
-        await self._write(_Renew(owner, lease_until))
-
-    async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
-        """Deprecated, to be removed (see ``Journal.reclaim``)."""
-        result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
-        return result
-
-    async def purge(self, older_than: float, batch: int = 1000) -> int:
-        return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
-
     # ------------------------------------------------------------------ reading
 
     async def _read(self, fn: Callable[[psycopg.Cursor[Any]], _T]) -> _T:
@@ -516,7 +489,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         assert self._read_lock is not None
         async with self._read_lock:
             if self._rconn is None:
-                raise JournalError(f"journal {self.where} is not open")
+                raise not_open(self.where)
             return await anyio.to_thread.run_sync(self._read_sync, fn)
 
     def _read_sync(self, fn: Callable[[psycopg.Cursor[Any]], _T]) -> _T:
@@ -524,7 +497,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
             conn = self._rconn
             try:
                 if conn is None:
-                    raise JournalError(f"journal {self.where} is not open")
+                    raise not_open(self.where)
                 if conn.broken or conn.closed:  # reads are idempotent: reconnect, retry
                     conn.close()
                     conn = self._rconn = self._connect()
@@ -538,52 +511,8 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def get(self, task_id: str) -> TaskRow | None:
-        def read(cur: psycopg.Cursor[Any]) -> TaskRow | None:
-            found = cur.execute(self._sql["get"], (task_id,)).fetchone()
-            return None if found is None else _to_row(found)
-
-        return await self._read(read)
-
-    async def list(
-        self,
-        *,
-        status: TaskStatus | None = None,
-        queue: str | None = None,
-        name: str | None = None,
-        limit: int = 100,
-    ) -> builtins.list[TaskRow]:
-        where: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        for column, value in (("status", status), ("queue", queue), ("name", name)):
-            if value is not None:
-                where.append(f"{column} = %s")
-                params.append(value.value if isinstance(value, TaskStatus) else value)
-        sql = f'SELECT {_COLS} FROM "{self.schema}".tasks'
-        sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT %s"
-        params.append(limit)
-
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[TaskRow]:
-            return [_to_row(r) for r in cur.execute(sql, params)]
-
-        return await self._read(read)
-
-    async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[Any, ...]]:
-            return cur.execute(self._sql["history"], (task_id,)).fetchall()
-
-        return [
-            TransitionRecord(
-                task_id=tid,
-                source=None if source is None else _STATUS[source],
-                target=_STATUS[target],
-                attempt=attempt,
-                at=utc(at),
-                owner=owner,
-                error=None if error is None else ErrorInfo.model_validate_json(error),
-            )
-            for tid, source, target, attempt, at, owner, error in await self._read(read)
-        ]
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        return await self._read(lambda cur: cur.execute(sql, params).fetchall())
 
     def _rows_and_rev(
         self, cur: psycopg.Cursor[Any], sql: str, params: Callable[[int], Sequence[Any]]
@@ -591,13 +520,7 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         """The counter first, then the rows: every rev up to it is visible (docstring)."""
         found = cur.execute(self._sql["read_rev"]).fetchone()
         rev = 0 if found is None else int(found[0])
-        return [_to_row(r) for r in cur.execute(sql, params(rev))], rev
-
-    async def expired(self, now: float) -> builtins.list[TaskRow]:
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[TaskRow]:
-            return [_to_row(r) for r in cur.execute(self._sql["expired_rows"], (now,))]
-
-        return await self._read(read)
+        return [to_row(r) for r in cur.execute(sql, params(rev))], rev
 
     async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
         sql = self._sql["runnable"]
@@ -609,43 +532,6 @@ class PostgresJournal(NotifyingJournal, InspectableJournal):
         def read(cur: psycopg.Cursor[Any]) -> tuple[builtins.list[TaskRow], int]:
             rows, rev = self._rows_and_rev(cur, sql, lambda rev: (since, rev, exclude_owner))
             return rows, max(rev, since)
-
-        return await self._read(read)
-
-    async def counts(self) -> dict[TaskStatus, int]:
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[str, int]]:
-            return cur.execute(self._sql["counts"]).fetchall()
-
-        counts = dict.fromkeys(TaskStatus, 0)
-        for status, n in await self._read(read):
-            counts[_STATUS[status]] = n
-        return counts
-
-    # ------------------------------------------------------------------ InspectableJournal
-    # For ``bgtasks status``; the same semantics as SQLite's. counts_by_queue reads the
-    # whole table (an index on (queue, status) would cost every status change a write).
-
-    async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[str, str, int]]:
-            return cur.execute(self._sql["counts_by_queue"]).fetchall()
-
-        return {(queue, _STATUS[status]): n for queue, status, n in await self._read(read)}
-
-    async def finished_since(self, since: float) -> dict[TaskStatus, int]:
-        def read(cur: psycopg.Cursor[Any]) -> builtins.list[tuple[str, int]]:
-            return cur.execute(self._sql["finished_since"], (since,)).fetchall()
-
-        counts = {s: 0 for s in TaskStatus if s.is_terminal}
-        for status, n in await self._read(read):
-            counts[_STATUS[status]] = n
-        return counts
-
-    async def oldest(self, status: TaskStatus) -> TaskRow | None:
-        value = TaskStatus(status).value
-
-        def read(cur: psycopg.Cursor[Any]) -> TaskRow | None:
-            found = cur.execute(self._sql["oldest"], (value,)).fetchone()
-            return None if found is None else _to_row(found)
 
         return await self._read(read)
 
@@ -671,10 +557,3 @@ def _rollback(conn: psycopg.Connection[Any] | None) -> None:
     if conn is not None and not conn.broken and not conn.closed:
         with contextlib.suppress(psycopg.Error):
             conn.execute("ROLLBACK")
-
-
-def _close_all(conns: Sequence[psycopg.Connection[Any] | None]) -> None:
-    for conn in conns:
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()

@@ -17,14 +17,13 @@ import anyio
 import anyio.to_thread
 import psycopg
 
-from ._schema import CHANNEL
-
 __all__ = ["Listener"]
 
 
 class Listener:
     """Wake-ups for one journal (``schema``) and its ``owner``, whose own writes do not
-    count; the connection is opened on first use, with ``connect``."""
+    count. The connection is opened on first use, and again after it broke, with
+    ``connect``, which returns it listening on ``CHANNEL`` (worker thread)."""
 
     def __init__(
         self, connect: Callable[[], psycopg.Connection[Any]], schema: str, owner: str
@@ -92,10 +91,4 @@ class Listener:
     def _connect_listener(self, old: psycopg.Connection[Any] | None) -> psycopg.Connection[Any]:
         if old is not None:
             old.close()
-        conn = self._connect()
-        try:
-            conn.execute(f"LISTEN {CHANNEL}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return self._connect()

@@ -4,15 +4,26 @@ worker thread by ``run`` against the batch's transaction (``_Tx``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from ..._models import ErrorInfo
 from ..._states import TaskStatus
 from .._protocol import Change, TaskRow
-from ._schema import _STATUS_INDEX, _row_values, _to_row
+from .._sql import (
+    STATUS_INDEX,
+    Op,
+    OpClasses,
+    PurgeStep,
+    Reclaim,
+    Renew,
+    RequestCancel,
+    SetProgress,
+    reclaim_target,
+    row_values,
+    to_row,
+)
 
 if TYPE_CHECKING:
     from . import PostgresJournal
@@ -52,20 +63,10 @@ class _Tx:
             self.history.clear()
 
 
-class _Op:
-    __slots__ = ("error", "result")
-    #: whether the caller waits for the commit (False: progress, which may ride along)
-    awaited = True
-    #: whether the caller is woken before the others of the batch (see GroupCommit)
-    first = False
-    #: what to call once the batch ended, for a caller that does not wait
-    settle: Callable[[Any], None] | None = None
+class _Op(Op):
+    __slots__ = ()
     #: lock order inside a batch: inserts (0), single rows by id (1), many rows (2)
     rank = 2
-
-    def __init__(self) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
 
     @property
     def order(self) -> tuple[int, str]:
@@ -95,8 +96,8 @@ class _Insert(_Op):
 
     def run(self, tx: _Tx) -> TaskRow:
         row = self.row
-        values = list(_row_values(row))
-        values[_STATUS_INDEX] = row.status.value
+        values = list(row_values(row))
+        values[STATUS_INDEX] = row.status.value
         values.append(tx.j._owner)
         if row.key is None:
             tx.inserts.append(tuple(values))
@@ -108,7 +109,7 @@ class _Insert(_Op):
                     break
                 live = tx.cur.execute(sql["live_key"], (row.key,)).fetchone()
                 if live is not None:
-                    return _to_row(live)
+                    return to_row(live)
         tx.touched.append(row.id)
         tx.history.append(
             (row.id, row.version, None, row.status.value, row.attempts, row.created_at,
@@ -161,16 +162,12 @@ class _Apply(_Op):
         if found is None:
             return None
         tx.touched.append(self.change.task_id)
-        return _to_row(found)
+        return to_row(found)
 
 
-class _RequestCancel(_Op):
-    __slots__ = ("task_id",)
+class _RequestCancel(_Op, RequestCancel):
+    __slots__ = ()
     rank = 1
-
-    def __init__(self, task_id: str) -> None:
-        super().__init__()
-        self.task_id = task_id
 
     @property
     def order(self) -> tuple[int, str]:
@@ -182,17 +179,12 @@ class _RequestCancel(_Op):
         if found is None:
             return None
         tx.touched.append(self.task_id)
-        return _to_row(found)
+        return to_row(found)
 
 
-class _SetProgress(_Op):
-    __slots__ = ("params",)
-    awaited = False
+class _SetProgress(_Op, SetProgress):
+    __slots__ = ()
     rank = 1
-
-    def __init__(self, params: tuple[Any, ...]) -> None:
-        super().__init__()
-        self.params = params
 
     @property
     def order(self) -> tuple[int, str]:
@@ -203,54 +195,32 @@ class _SetProgress(_Op):
         tx.cur.execute(tx.j._sql["set_progress"], self.params)
 
 
-class _Renew(_Op):
-    __slots__ = ("lease_until", "owner")
-
-    def __init__(self, owner: str, lease_until: float) -> None:
-        super().__init__()
-        self.owner = owner
-        self.lease_until = lease_until
+class _Renew(_Op, Renew):
+    __slots__ = ()
 
     def run(self, tx: _Tx) -> int:
         tx.flush()
         return tx.cur.execute(tx.j._sql["renew"], (self.lease_until, self.owner)).rowcount
 
 
-class _Reclaim(_Op):
-    __slots__ = ("max_recoveries", "now")
-
-    def __init__(self, now: float, max_recoveries: int) -> None:
-        super().__init__()
-        self.now = now
-        self.max_recoveries = max_recoveries
+class _Reclaim(_Op, Reclaim):
+    __slots__ = ()
 
     def run(self, tx: _Tx) -> list[TaskRow]:
         tx.flush()
         sql, cur, writer = tx.j._sql, tx.cur, tx.j._owner
         rows: list[TaskRow] = []
         for task_id, version, recoveries, owner, cancel_requested in cur.execute(
-            sql["expired"], (self.now,)
+            sql["expired_locked"], (self.now,)
         ).fetchall():
-            error: str | None
-            if cancel_requested:  # a cancel asked for before its owner died: honour it
-                target, finished_at, error = TaskStatus.CANCELLED, self.now, None
-            elif recoveries + 1 > self.max_recoveries:
-                target, finished_at = TaskStatus.FAILED, self.now
-                error = ErrorInfo(
-                    type="background_tasks.TaskInterrupted",
-                    message=(
-                        f"the task was interrupted {recoveries + 1} times, more than"
-                        f" max_recoveries={self.max_recoveries}: its process stopped or"
-                        f" crashed while running it (last owner {owner!r})"
-                    ),
-                ).model_dump_json()
-            else:
-                target, finished_at, error = TaskStatus.PENDING, None, None
+            target, finished_at, error = reclaim_target(
+                self.now, self.max_recoveries, recoveries, owner, cancel_requested
+            )
             found = cur.execute(
                 sql["reclaim"], (target.value, writer, finished_at, error, task_id, version)
             ).fetchone()
             if found is not None:
-                row = _to_row(found)
+                row = to_row(found)
                 rows.append(row)
                 tx.touched.append(task_id)
                 tx.history.append(
@@ -260,13 +230,8 @@ class _Reclaim(_Op):
         return rows
 
 
-class _PurgeStep(_Op):
-    __slots__ = ("batch", "older_than")
-
-    def __init__(self, older_than: float, batch: int) -> None:
-        super().__init__()
-        self.older_than = older_than
-        self.batch = batch
+class _PurgeStep(_Op, PurgeStep):
+    __slots__ = ()
 
     def run(self, tx: _Tx) -> int:
         tx.flush()
@@ -275,3 +240,7 @@ class _PurgeStep(_Op):
         if ids:
             tx.cur.execute(sql["purge_history"], (ids,))
         return len(ids)
+
+
+#: The classes ``SQLJournal``'s verbs write with.
+OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _Reclaim, _PurgeStep)

@@ -10,16 +10,11 @@ and not newer than this code, and migrates it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Sequence
-from operator import attrgetter
 from typing import Any, Final
 
 import psycopg
 
-from ..._errors import JournalError
-from ..._states import TaskStatus
-from .._protocol import TaskRow
+from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
 
 __all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "prepare", "statements"]
 
@@ -86,32 +81,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 #: The schema version this code writes; a schema with a newer one is refused at open.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(TaskRow))
-_COLS: Final = ", ".join(_COLUMNS)
-_STATUS: Final = {s.value: s for s in TaskStatus}
-_row_values: Final = attrgetter(*_COLUMNS)
-_STATUS_INDEX: Final = _COLUMNS.index("status")
-_LIVE: Final = "('pending', 'running', 'retrying')"
-_TERMINAL: Final = "('completed', 'failed', 'cancelled')"
-
-#: Fields a Change may set: every TaskRow attribute but the ones the journal owns.
-_SETTABLE: Final = frozenset(_COLUMNS) - {"id", "status", "version"}
-_CLEARS_CANCEL: Final = frozenset(
-    {
-        TaskStatus.PENDING,
-        TaskStatus.RETRYING,
-        TaskStatus.COMPLETED,
-        TaskStatus.FAILED,
-        TaskStatus.CANCELLED,
-    }
-)
-
-
-def _to_row(r: Sequence[Any]) -> TaskRow:
-    return TaskRow(
-        r[0], r[1], r[2], _STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-        r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], r[21], r[22],
-    )  # fmt: skip
+_COLS: Final = ", ".join(COLUMNS)
 
 
 _HISTORY_CONFLICT: Final = (
@@ -126,8 +96,8 @@ def statements(s: str) -> dict[str, str]:
     returning = " RETURNING " + _COLS
     sql = {
         "insert": f"INSERT INTO @.tasks ({_COLS}, rev, writer)"
-        f" VALUES ({', '.join(['%s'] * len(_COLUMNS))}, 0, %s)",
-        "live_key": f"SELECT {_COLS} FROM @.tasks WHERE key = %s AND status IN {_LIVE}",
+        f" VALUES ({', '.join(['%s'] * len(COLUMNS))}, 0, %s)",
+        "live_key": f"SELECT {_COLS} FROM @.tasks WHERE key = %s AND status IN {LIVE_SQL}",
         "insert_history": "INSERT INTO @.history VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         + _HISTORY_CONFLICT,
         "request_cancel": "UPDATE @.tasks SET cancel_requested = true, writer = %s"
@@ -135,7 +105,7 @@ def statements(s: str) -> dict[str, str]:
         "set_progress": "UPDATE @.tasks SET progress_json = %s"
         " WHERE id = %s AND status = 'running' AND owner = %s AND version = %s",
         "renew": "UPDATE @.tasks SET lease_until = %s WHERE status = 'running' AND owner = %s",
-        "expired": "SELECT id, version, recoveries, owner, cancel_requested FROM @.tasks"
+        "expired_locked": "SELECT id, version, recoveries, owner, cancel_requested FROM @.tasks"
         " WHERE status = 'running' AND lease_until < %s ORDER BY id FOR UPDATE SKIP LOCKED",
         "reclaim": "UPDATE @.tasks SET status = %s, version = version + 1, writer = %s,"
         " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
@@ -143,7 +113,7 @@ def statements(s: str) -> dict[str, str]:
         " error_json = coalesce(%s, error_json)"
         " WHERE id = %s AND version = %s AND status = 'running'" + returning,
         "purge": "DELETE FROM @.tasks WHERE id IN (SELECT id FROM @.tasks"
-        f" WHERE finished_at < %s AND status IN {_TERMINAL} LIMIT %s FOR UPDATE SKIP LOCKED)"
+        f" WHERE finished_at < %s AND status IN {TERMINAL_SQL} LIMIT %s FOR UPDATE SKIP LOCKED)"
         " RETURNING id",
         "purge_history": "DELETE FROM @.history WHERE task_id = ANY(%s)",
         # The last statement of a write transaction: see the module docstring.
@@ -151,23 +121,23 @@ def statements(s: str) -> dict[str, str]:
         " RETURNING value), t AS (UPDATE @.tasks SET rev = (SELECT value FROM r)"
         " WHERE id = ANY(%s)) SELECT value, pg_notify(%s, %s) FROM r",
         "read_rev": "SELECT value FROM @.meta WHERE key = 'rev'",
+        "select": f"SELECT {_COLS} FROM @.tasks",
         "get": f"SELECT {_COLS} FROM @.tasks WHERE id = %s",
         "runnable": f"SELECT {_COLS} FROM @.tasks WHERE status IN ('pending', 'retrying')"
         " ORDER BY priority DESC, id",
         "changes": f"SELECT {_COLS} FROM @.tasks WHERE rev > %s AND rev <= %s"
         " AND (writer IS NULL OR writer <> %s) ORDER BY rev, id",
-        "history": "SELECT task_id, source, target, attempt, at, owner, error_json"
-        " FROM @.history WHERE task_id = %s ORDER BY seq",
+        "history": HISTORY_SELECT + " FROM @.history WHERE task_id = %s ORDER BY seq",
         "counts": "SELECT status, count(*) FROM @.tasks GROUP BY status",
-        "expired_rows": f"SELECT {_COLS} FROM @.tasks"
+        "expired": f"SELECT {_COLS} FROM @.tasks"
         " WHERE status = 'running' AND lease_until < %s ORDER BY id",
         "counts_by_queue": "SELECT queue, status, count(*) FROM @.tasks GROUP BY queue, status",
         "finished_since": "SELECT status, count(*) FROM @.tasks"
-        f" WHERE finished_at >= %s AND status IN {_TERMINAL} GROUP BY status",
+        f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",
         "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
     }
     insert_keyed = sql["insert"] + (
-        f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {_LIVE} DO NOTHING"
+        f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {LIVE_SQL} DO NOTHING"
     )
     sql["insert_keyed"] = insert_keyed + " RETURNING id"
     return {k: v.replace("@.", s + ".") for k, v in sql.items()}
@@ -195,17 +165,7 @@ def prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
                 f"SELECT value FROM \"{s}\".meta WHERE key = 'schema_version'"
             ).fetchone()
             version = None if got is None else int(got[0])
-        if version is None and tables:
-            raise JournalError(
-                f"cannot open journal {where}: the schema holds tables of something"
-                f" else ({', '.join(sorted(tables))}), not a background_tasks journal"
-            )
-        if version is not None and version > SCHEMA_VERSION:
-            raise JournalError(
-                f"cannot open journal {where}: its schema version {version} is"
-                f" newer than this version of background_tasks knows ({SCHEMA_VERSION});"
-                " upgrade background_tasks"
-            )
+        check_schema(where, version, tables, known=SCHEMA_VERSION, holder="the schema")
         if version == SCHEMA_VERSION:
             conn.execute("ROLLBACK")
             return

@@ -48,7 +48,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
@@ -56,36 +56,19 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..._errors import InvalidTransition, JournalError
-from ..._models import ErrorInfo, TransitionRecord, utc
 from ..._states import TaskStatus
-from .._group_commit import GroupCommit, purge_in_steps
+from .._group_commit import GroupCommit
 from .._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
+from .._sql import COLUMNS, Op, SQLJournal, check_seconds, close_all, not_open, to_row
 from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
 from ._ops import (
+    OPS,
     _Apply,
     _ApplySoon,
     _Insert,
     _Op,
-    _PurgeStep,
-    _Reclaim,
-    _Renew,
-    _RequestCancel,
-    _SetProgress,
 )
-from ._schema import (
-    _BUMP_REV,
-    _CACHE_KIB,
-    _COLUMNS,
-    _EXPIRED,
-    _READ_REV,
-    _SELECT,
-    _STATUS,
-    _TERMINAL,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    _to_row,
-    prepare,
-)
+from ._schema import _BUMP_REV, _CACHE_KIB, _READ_REV, _SQL, MIGRATIONS, SCHEMA_VERSION, prepare
 
 __all__ = ["MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteJournal"]
 
@@ -116,7 +99,7 @@ def _is_busy(exc: BaseException) -> bool:
     )
 
 
-class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
+class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal):
     """A journal in one SQLite file (WAL mode), safe to share between processes.
 
     ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
@@ -127,6 +110,9 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
     """
 
     lease_timeout: float
+    _sql = _SQL
+    _mark = "?"
+    _ops = OPS
 
     def __init__(
         self,
@@ -147,11 +133,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
                 f"path: {text!r} is not a file path; an in-memory database cannot be shared"
                 " (use journal=None for an in-memory manager)"
             )
-        for name, value in (("lease_timeout", lease_timeout), ("busy_timeout", busy_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number of seconds, not {value!r}")
-            if not (0 < value < float("inf")):
-                raise ValueError(f"{name} must be a positive finite number of seconds")
+        check_seconds(lease_timeout=lease_timeout, busy_timeout=busy_timeout)
         checked = _SYNC.get(synchronous.upper()) if isinstance(synchronous, str) else None
         if checked is None:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
@@ -198,7 +180,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
                     wconn, rconn = self._wconn, self._rconn
                     self._wconn = self._rconn = None
                     self._commits.reset()
-                    await anyio.to_thread.run_sync(_close_all, (rconn, wconn))
+                    await anyio.to_thread.run_sync(close_all, (rconn, wconn), sqlite3.Error)
         finally:
             self._closing = False
 
@@ -231,7 +213,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
             # within the number of parameters this SQLite build takes in one statement.
             limit = wconn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             rows = _MAX_ROWS
-            while rows > 1 and rows * (1 + len(_COLUMNS)) + 2 > limit:
+            while rows > 1 and rows * (1 + len(COLUMNS)) + 2 > limit:
                 rows = rows - 32 if rows > 64 else rows - 8 if rows > 8 else rows - 1
             self._max_rows = rows
             rconn = self._connect(first=False)
@@ -239,7 +221,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
             rconn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
             return wconn, rconn
         except BaseException as exc:
-            _close_all((rconn, wconn))
+            close_all((rconn, wconn), sqlite3.Error)
             if isinstance(exc, JournalError):
                 raise
             if isinstance(exc, sqlite3.Error):
@@ -305,9 +287,9 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
 
     def _require_open(self) -> None:
         if self._wconn is None or self._closing:
-            raise JournalError(f"journal {self.path} is not open")
+            raise not_open(self.path)
 
-    def _write(self, op: _Op) -> Coroutine[Any, Any, Any]:
+    def _write(self, op: Op) -> Coroutine[Any, Any, Any]:
         """Add ``op`` to the open batch; the coroutine waits until its batch is committed
         and returns its result. (Not itself a coroutine: one frame fewer per write.)"""
         self._require_open()
@@ -318,7 +300,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
         conn = self._wconn
         if conn is None:  # closed underneath (only after a failed close)
             for op in ops:
-                op.error = JournalError(f"journal {self.path} is not open")
+                op.error = not_open(self.path)
             return
         try:
             if self._run_batch(conn, ops, careful=False):
@@ -426,26 +408,6 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
         with contextlib.suppress(Exception):  # settle has the outcome
             await self._commits.write(op)
 
-    async def request_cancel(self, task_id: str) -> TaskRow | None:
-        result: TaskRow | None = await self._write(_RequestCancel(task_id))
-        return result
-
-    async def set_progress(
-        self, task_id: str, owner: str, version: int, progress_json: str
-    ) -> None:
-        await self._write(_SetProgress((progress_json, task_id, owner, version)))
-
-    async def renew(self, owner: str, lease_until: float) -> None:
-        await self._write(_Renew(owner, lease_until))
-
-    async def reclaim(self, now: float, max_recoveries: int) -> list[TaskRow]:
-        """Deprecated, to be removed (see ``Journal.reclaim``)."""
-        result: list[TaskRow] = await self._write(_Reclaim(now, max_recoveries))
-        return result
-
-    async def purge(self, older_than: float, batch: int = 1000) -> int:
-        return await purge_in_steps(lambda: self._write(_PurgeStep(older_than, batch)), batch)
-
     # ------------------------------------------------------------------ reading
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -454,7 +416,7 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
         async with self._read_lock:
             conn = self._rconn
             if conn is None:
-                raise JournalError(f"journal {self.path} is not open")
+                raise not_open(self.path)
             return await anyio.to_thread.run_sync(self._read_sync, conn, fn)
 
     def _read_sync(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -473,140 +435,24 @@ class SQLiteJournal(ClaimingJournal, BatchingJournal, InspectableJournal):
         """Rows of ``sql`` and the change counter, from one read transaction."""
         conn.execute("BEGIN")
         try:
-            rows = [_to_row(r) for r in conn.execute(sql, tuple(params))]
+            rows = [to_row(r) for r in conn.execute(sql, tuple(params))]
             rev = int(conn.execute(_READ_REV).fetchone()[0])
         finally:
             conn.execute("COMMIT")
         return rows, rev
 
-    async def get(self, task_id: str) -> TaskRow | None:
-        def read(conn: sqlite3.Connection) -> TaskRow | None:
-            found = conn.execute(_SELECT + " WHERE id = ?", (task_id,)).fetchall()
-            return _to_row(found[0]) if found else None
-
-        return await self._read(read)
-
-    async def list(
-        self,
-        *,
-        status: TaskStatus | None = None,
-        queue: str | None = None,
-        name: str | None = None,
-        limit: int = 100,
-    ) -> list[TaskRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("status", status), ("queue", queue), ("name", name)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value.value if isinstance(value, TaskStatus) else value)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-
-        def read(conn: sqlite3.Connection) -> list[TaskRow]:
-            return [_to_row(r) for r in conn.execute(sql, params)]
-
-        return await self._read(read)
-
-    async def history(self, task_id: str) -> builtins.list[TransitionRecord]:
-        def read(conn: sqlite3.Connection) -> builtins.list[tuple[Any, ...]]:
-            return conn.execute(
-                "SELECT task_id, source, target, attempt, at, owner, error_json FROM history"
-                " WHERE task_id = ? ORDER BY seq",
-                (task_id,),
-            ).fetchall()
-
-        return [
-            TransitionRecord(
-                task_id=tid,
-                source=None if source is None else _STATUS[source],
-                target=_STATUS[target],
-                attempt=attempt,
-                at=utc(at),
-                owner=owner,
-                error=None if error is None else ErrorInfo.model_validate_json(error),
-            )
-            for tid, source, target, attempt, at, owner, error in await self._read(read)
-        ]
-
-    async def expired(self, now: float) -> builtins.list[TaskRow]:
-        def read(conn: sqlite3.Connection) -> builtins.list[TaskRow]:
-            return [_to_row(r) for r in conn.execute(_EXPIRED, (now,))]
-
-        return await self._read(read)
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        return await self._read(lambda conn: conn.execute(sql, params).fetchall())
 
     async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
-        sql = _SELECT + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
+        sql = _SQL["select"] + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
         return await self._read(lambda conn: self._snapshot(conn, sql, ()))
 
     async def changes(self, since: int, exclude_owner: str) -> tuple[builtins.list[TaskRow], int]:
-        sql = _SELECT + " WHERE rev > ? AND (writer IS NULL OR writer != ?) ORDER BY rev, id"
+        sql = _SQL["select"] + " WHERE rev > ? AND (writer IS NULL OR writer != ?) ORDER BY rev, id"
 
         def read(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRow], int]:
             rows, rev = self._snapshot(conn, sql, (since, exclude_owner))
             return rows, max(rev, since)
 
         return await self._read(read)
-
-    async def counts(self) -> dict[TaskStatus, int]:
-        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, int]]:
-            return conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()
-
-        counts = dict.fromkeys(TaskStatus, 0)
-        for status, n in await self._read(read):
-            counts[_STATUS[status]] = n
-        return counts
-
-    # ------------------------------------------------------------------ InspectableJournal
-    # For ``bgtasks status``. None needs an index of its own: an index on (queue, status)
-    # would cost every status change a b-tree write.
-
-    async def counts_by_queue(self) -> dict[tuple[str, TaskStatus], int]:
-        """How many tasks each queue has in each status (only pairs that occur).
-
-        Reads the whole table: linear in the number of rows the journal keeps.
-        """
-
-        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, str, int]]:
-            return conn.execute(
-                "SELECT queue, status, count(*) FROM tasks GROUP BY queue, status"
-            ).fetchall()
-
-        return {(queue, _STATUS[status]): n for queue, status, n in await self._read(read)}
-
-    async def finished_since(self, since: float) -> dict[TaskStatus, int]:
-        """How many tasks finished (COMPLETED, FAILED, CANCELLED) at or after ``since``
-        (epoch seconds), by status; every finished status is a key."""
-
-        def read(conn: sqlite3.Connection) -> builtins.list[tuple[str, int]]:
-            return conn.execute(
-                "SELECT status, count(*) FROM tasks INDEXED BY tasks_finished"
-                f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {_TERMINAL}"
-                " GROUP BY status",
-                (since,),
-            ).fetchall()
-
-        counts = {s: 0 for s in TaskStatus if s.is_terminal}
-        for status, n in await self._read(read):
-            counts[_STATUS[status]] = n
-        return counts
-
-    async def oldest(self, status: TaskStatus) -> TaskRow | None:
-        """The earliest created task in ``status`` (ids sort by creation); None if none."""
-        value = TaskStatus(status).value
-
-        def read(conn: sqlite3.Connection) -> TaskRow | None:
-            found = conn.execute(
-                _SELECT + " WHERE status = ? ORDER BY id LIMIT 1", (value,)
-            ).fetchall()
-            return _to_row(found[0]) if found else None
-
-        return await self._read(read)
-
-
-def _close_all(conns: Iterable[sqlite3.Connection | None]) -> None:
-    for conn in conns:
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()

@@ -24,7 +24,8 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._states import TaskStatus
-from ._schema import _CLEARS_CANCEL, _COLUMNS, _HISTORY_COLUMNS, _HISTORY_NAMES, _SETTABLE
+from .._sql import CLEARS_CANCEL, COLUMNS, check_fields
+from ._schema import _HISTORY_COLUMNS, _HISTORY_NAMES
 
 if TYPE_CHECKING:
     from ._ops import _Apply, _Insert
@@ -48,8 +49,8 @@ _NULL_AS: Final[dict[str, int | str]] = {
     "source": 0,
 }
 #: (index in a TaskRow's values, stand-in) for its nullable columns.
-_ROW_NULLS: Final = tuple((i, _NULL_AS[c]) for i, c in enumerate(_COLUMNS) if c in _NULL_AS)
-_CANCEL_INDEX: Final = _COLUMNS.index("cancel_requested")
+_ROW_NULLS: Final = tuple((i, _NULL_AS[c]) for i, c in enumerate(COLUMNS) if c in _NULL_AS)
+_CANCEL_INDEX: Final = COLUMNS.index("cancel_requested")
 
 
 def _bound(column: str, value: str) -> str:
@@ -64,8 +65,8 @@ def _bound_columns(columns: tuple[str, ...], first: int) -> str:
 
 
 _INSERT: Final = (
-    f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
-    f" VALUES ({', '.join(_bound(c, '?') for c in _COLUMNS)}, ?, ?)"
+    f"INSERT INTO tasks ({', '.join(COLUMNS)}, rev, writer)"
+    f" VALUES ({', '.join(_bound(c, '?') for c in COLUMNS)}, ?, ?)"
 )
 _INSERT_HISTORY: Final = (
     f"INSERT OR REPLACE INTO history ({_HISTORY_COLUMNS})"
@@ -88,9 +89,9 @@ def _values(rows: int, width: int) -> str:
 
 def _insert_sql(rows: int) -> str:
     return (
-        f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
-        f" SELECT {_bound_columns(_COLUMNS, 2)}, ?, ?"
-        f" FROM {_values(rows, len(_COLUMNS))} WHERE column1"
+        f"INSERT INTO tasks ({', '.join(COLUMNS)}, rev, writer)"
+        f" SELECT {_bound_columns(COLUMNS, 2)}, ?, ?"
+        f" FROM {_values(rows, len(COLUMNS))} WHERE column1"
     )
 
 
@@ -114,7 +115,7 @@ _CLAIMED: Final[dict[str, Any]] = {
     "cancel_requested": False,
     "version": 1,
 }
-assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(_COLUMNS)
+assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(COLUMNS)
 
 
 def _sql_literal(value: Any) -> str:
@@ -130,10 +131,10 @@ def _claims_sql(rows: int) -> str:
         _sql_literal(_CLAIMED[c])
         if c in _CLAIMED
         else _bound(c, f"column{2 + _CLAIM_FIELDS.index(c)}")
-        for c in _COLUMNS
+        for c in COLUMNS
     ]
     return (
-        f"INSERT INTO tasks ({', '.join(_COLUMNS)}, rev, writer)"
+        f"INSERT INTO tasks ({', '.join(COLUMNS)}, rev, writer)"
         f" SELECT {', '.join(values)}, ?, ? FROM {_values(rows, len(_CLAIM_FIELDS))}"
         " WHERE column1"
     )
@@ -213,11 +214,9 @@ class _Shape:
     __slots__ = ("lease_sql", "nulls", "source", "sql", "target", "updates")
 
     def __init__(self, names: tuple[str, ...], source: TaskStatus, target: TaskStatus) -> None:
-        bad = [n for n in names if n not in _SETTABLE]
-        if bad:
-            raise ValueError(f"Change.fields has names that are not settable TaskRow fields: {bad}")
+        check_fields(names)
         clear = ", cancel_requested = 0" if (
-            target in _CLEARS_CANCEL and "cancel_requested" not in names
+            target in CLEARS_CANCEL and "cancel_requested" not in names
         ) else ""  # fmt: skip
         to, where = TaskStatus(target).value, TaskStatus(source).value
         self.source, self.target = where, to  # as stored (a str status works too)
@@ -310,7 +309,7 @@ class _Writer:
                     params += op.values()
                     op.result = op.row
                     op.history(history)
-                params += _zeros((rows - len(part)) * (1 + len(_COLUMNS)))
+                params += _zeros((rows - len(part)) * (1 + len(COLUMNS)))
                 conn.execute(_INSERTS(rows), params)
         if self.groups:
             groups, self.groups = self.groups, {}

@@ -7,30 +7,34 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ..._errors import InvalidTransition
-from ..._models import ErrorInfo
 from ..._states import TaskStatus
 from .._protocol import Change, TaskRow
+from .._sql import (
+    LIVE,
+    STATUS_INDEX,
+    TERMINAL_SQL,
+    Op,
+    OpClasses,
+    PurgeStep,
+    Reclaim,
+    Renew,
+    RequestCancel,
+    SetProgress,
+    reclaim_target,
+    row_values,
+    to_row,
+)
 from ._batch import _AT_FIELDS, _CANCEL_INDEX, _INSERT, _ROW_NULLS, _claim_values, _Shape, _Writer
-from ._schema import _LIVE, _LIVE_KEY, _RETURNING, _STATUS_INDEX, _TERMINAL, _row_values, _to_row
+from ._schema import _LIVE_KEY, _RETURNING
 
 
-class _Op:
-    __slots__ = ("error", "result")
+class _Op(Op):
+    __slots__ = ()
     #: whether the operation bumps the change cursor (so the batch reads the counter)
     bumps = True
-    #: whether the caller waits for the commit (False: progress, which may ride along)
-    awaited = True
-    #: whether the caller is woken before the others of the batch (see GroupCommit)
-    first = False
-    #: what to call once the batch ended, for a caller that does not wait (``apply_soon``)
-    settle: Callable[[Any], None] | None = None
-
-    def __init__(self) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
 
     def run(self, w: _Writer) -> Any:
         """Write this operation by itself; returns its result."""
@@ -65,8 +69,8 @@ class _Insert(_Op):
     def values(self) -> list[Any]:
         """Every column's value, stand-ins for NULL (``_NULL_AS``)."""
         row = self.row
-        values = list(_row_values(row))
-        values[_STATUS_INDEX] = row.status.value
+        values = list(row_values(row))
+        values[STATUS_INDEX] = row.status.value
         values[_CANCEL_INDEX] = int(row.cancel_requested)
         for i, null in _ROW_NULLS:
             if values[i] is None:
@@ -97,7 +101,7 @@ class _Insert(_Op):
         if row.key is not None:
             live = w.conn.execute(_LIVE_KEY, (row.key,)).fetchall()
             if live:
-                return _to_row(live[0])
+                return to_row(live[0])
         w.conn.execute(_INSERT, (*self.values(), w.rev, w.owner))
         self.history(w.history)
         return row
@@ -145,7 +149,7 @@ class _Apply(_Op):
         try:
             applied = w.conn.execute(sql, params).rowcount > 0
         except sqlite3.IntegrityError as exc:
-            if c.target in _LIVE and "tasks.key" in str(exc):
+            if c.target in LIVE and "tasks.key" in str(exc):
                 found = w.conn.execute("SELECT key FROM tasks WHERE id = ?", (c.task_id,))
                 key = (found.fetchone() or (None,))[0]
                 raise InvalidTransition(
@@ -176,58 +180,44 @@ class _ApplySoon(_Apply):
         self.callback(bool(self.result), self.error)
 
 
-class _RequestCancel(_Op):
-    __slots__ = ("task_id",)
+class _RequestCancel(_Op, RequestCancel):
+    __slots__ = ()
     _sql = (
         "UPDATE tasks SET cancel_requested = 1, rev = ?, writer = ?"
         " WHERE id = ? AND status = 'running'" + _RETURNING
     )
 
-    def __init__(self, task_id: str) -> None:
-        super().__init__()
-        self.task_id = task_id
-
     def run(self, w: _Writer) -> TaskRow | None:
         found = w.conn.execute(self._sql, (w.rev, w.owner, self.task_id)).fetchall()
-        return _to_row(found[0]) if found else None
+        return to_row(found[0]) if found else None
 
 
-class _SetProgress(_Op):
-    __slots__ = ("params",)
+class _SetProgress(_Op, SetProgress):
+    __slots__ = ()
     bumps = False
-    awaited = False
     _sql = (
         "UPDATE tasks SET progress_json = ?"
         " WHERE id = ? AND status = 'running' AND owner = ? AND version = ?"
     )
 
-    def __init__(self, params: tuple[Any, ...]) -> None:
-        super().__init__()
-        self.params = params
-
     def run(self, w: _Writer) -> None:
         w.conn.execute(self._sql, self.params)
 
 
-class _Renew(_Op):
-    __slots__ = ("lease_until", "owner")
+class _Renew(_Op, Renew):
+    __slots__ = ()
     bumps = False
     _sql = "UPDATE tasks SET lease_until = ? WHERE status = 'running' AND owner = ?"
-
-    def __init__(self, owner: str, lease_until: float) -> None:
-        super().__init__()
-        self.owner = owner
-        self.lease_until = lease_until
 
     def run(self, w: _Writer) -> int:
         return w.conn.execute(self._sql, (self.lease_until, self.owner)).rowcount
 
 
-class _Reclaim(_Op):
+class _Reclaim(_Op, Reclaim):
     """Expired leases: back to PENDING, or FAILED after too many recoveries, or CANCELLED
     if a cancel was asked for (it must not be lost with the owner that died)."""
 
-    __slots__ = ("max_recoveries", "now")
+    __slots__ = ()
     _expired = (
         "SELECT id, version, recoveries, owner, cancel_requested FROM tasks"
         " WHERE status = 'running' AND lease_until < ?"
@@ -240,39 +230,21 @@ class _Reclaim(_Op):
         " WHERE id = ? AND version = ? AND status = 'running'" + _RETURNING
     )
 
-    def __init__(self, now: float, max_recoveries: int) -> None:
-        super().__init__()
-        self.now = now
-        self.max_recoveries = max_recoveries
-
     def run(self, w: _Writer) -> list[TaskRow]:
         rows: list[TaskRow] = []
         for task_id, version, recoveries, owner, cancel in w.conn.execute(
             self._expired, (self.now,)
         ).fetchall():
-            error: str | None = None
-            finished_at: float | None = None
-            if cancel:
-                target, finished_at = TaskStatus.CANCELLED, self.now
-            elif recoveries + 1 > self.max_recoveries:
-                target, finished_at = TaskStatus.FAILED, self.now
-                error = ErrorInfo(
-                    type="background_tasks.TaskInterrupted",
-                    message=(
-                        f"the task was interrupted {recoveries + 1} times, more than"
-                        f" max_recoveries={self.max_recoveries}: its process stopped or"
-                        f" crashed while running it (last owner {owner!r})"
-                    ),
-                ).model_dump_json()
-            else:
-                target = TaskStatus.PENDING
+            target, finished_at, error = reclaim_target(
+                self.now, self.max_recoveries, recoveries, owner, cancel
+            )
             found = w.conn.execute(
                 self._sql,
                 (target.value, w.rev, w.owner, finished_at, error, task_id, version),
             ).fetchall()
             w.touched.add(task_id)
             if found:
-                row = _to_row(found[0])
+                row = to_row(found[0])
                 rows.append(row)
                 w.history.append(
                     (task_id, row.version, TaskStatus.RUNNING.value, target.value,
@@ -281,15 +253,10 @@ class _Reclaim(_Op):
         return rows
 
 
-class _PurgeStep(_Op):
-    __slots__ = ("batch", "older_than")
+class _PurgeStep(_Op, PurgeStep):
+    __slots__ = ()
     bumps = False
-    _select = f"SELECT id FROM tasks WHERE finished_at < ? AND status IN {_TERMINAL} LIMIT ?"
-
-    def __init__(self, older_than: float, batch: int) -> None:
-        super().__init__()
-        self.older_than = older_than
-        self.batch = batch
+    _select = f"SELECT id FROM tasks WHERE finished_at < ? AND status IN {TERMINAL_SQL} LIMIT ?"
 
     def run(self, w: _Writer) -> int:
         ids = w.conn.execute(self._select, (self.older_than, self.batch)).fetchall()
@@ -297,3 +264,7 @@ class _PurgeStep(_Op):
             w.conn.executemany("DELETE FROM history WHERE task_id = ?", ids)
             w.conn.executemany("DELETE FROM tasks WHERE id = ?", ids)
         return len(ids)
+
+
+#: The classes ``SQLJournal``'s verbs write with.
+OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _Reclaim, _PurgeStep)

@@ -8,15 +8,12 @@ cache) and migrates it, in one ``BEGIN IMMEDIATE`` transaction.
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Callable
-from operator import attrgetter
-from typing import Any, Final
+from typing import Final
 
 from ..._errors import JournalError
-from ..._states import TaskStatus
-from .._protocol import TaskRow
+from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "prepare"]
 
@@ -76,9 +73,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 #: The schema version this code writes; a journal with a newer one is refused at open.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_COLUMNS: Final = tuple(f.name for f in dataclasses.fields(TaskRow))
-_SELECT: Final = "SELECT " + ", ".join(_COLUMNS) + " FROM tasks"
-_RETURNING: Final = " RETURNING " + ", ".join(_COLUMNS)
+_SELECT: Final = "SELECT " + ", ".join(COLUMNS) + " FROM tasks"
+_RETURNING: Final = " RETURNING " + ", ".join(COLUMNS)
 
 _HISTORY_NAMES: Final = (
     "task_id",
@@ -91,37 +87,26 @@ _HISTORY_NAMES: Final = (
     "error_json",
 )
 _HISTORY_COLUMNS: Final = ", ".join(_HISTORY_NAMES)
-_LIVE_KEY: Final = _SELECT + " WHERE key = ? AND status IN ('pending', 'running', 'retrying')"
-_EXPIRED: Final = _SELECT + " WHERE status = 'running' AND lease_until < ? ORDER BY id"
+_LIVE_KEY: Final = _SELECT + f" WHERE key = ? AND status IN {LIVE_SQL}"
 _BUMP_REV: Final = "UPDATE meta SET value = value + 1 WHERE key = 'rev' RETURNING value"
 _READ_REV: Final = "SELECT value FROM meta WHERE key = 'rev'"
-_TERMINAL: Final = "('completed', 'failed', 'cancelled')"
-_LIVE: Final = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING})
 
-#: Fields a Change may set: every TaskRow attribute but the ones the journal owns.
-_SETTABLE: Final = frozenset(_COLUMNS) - {"id", "status", "version"}
-_CLEARS_CANCEL: Final = frozenset(
-    {
-        TaskStatus.PENDING,
-        TaskStatus.RETRYING,
-        TaskStatus.COMPLETED,
-        TaskStatus.FAILED,
-        TaskStatus.CANCELLED,
-    }
-)
-_STATUS: Final = {s.value: s for s in TaskStatus}
-_row_values: Final = attrgetter(*_COLUMNS)
-_STATUS_INDEX: Final = _COLUMNS.index("status")
+#: The reads ``SQLJournal`` runs (see there). None needs an index of its own.
+_SQL: Final = {
+    "select": _SELECT,
+    "get": _SELECT + " WHERE id = ?",
+    "history": HISTORY_SELECT + " FROM history WHERE task_id = ? ORDER BY seq",
+    "expired": _SELECT + " WHERE status = 'running' AND lease_until < ? ORDER BY id",
+    "counts": "SELECT status, count(*) FROM tasks GROUP BY status",
+    "counts_by_queue": "SELECT queue, status, count(*) FROM tasks GROUP BY queue, status",
+    "finished_since": "SELECT status, count(*) FROM tasks INDEXED BY tasks_finished"
+    f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {TERMINAL_SQL}"
+    " GROUP BY status",
+    "oldest": _SELECT + " WHERE status = ? ORDER BY id LIMIT 1",
+}
 
 #: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
 _CACHE_KIB: Final = -16384
-
-
-def _to_row(r: Any) -> TaskRow:
-    return TaskRow(
-        r[0], r[1], r[2], _STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-        r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], bool(r[21]), r[22],
-    )  # fmt: skip
 
 
 def prepare(
@@ -133,18 +118,9 @@ def prepare(
 ) -> None:
     """Check, then (only if it is ours and not newer) configure and migrate."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    version = _schema_version(conn, tables)
-    if version is None and tables:
-        raise JournalError(
-            f"cannot open journal {where}: it is an SQLite database of something"
-            f" else (tables {', '.join(sorted(tables))}), not a background_tasks journal"
-        )
-    if version is not None and version > SCHEMA_VERSION:
-        raise JournalError(
-            f"cannot open journal {where}: its schema version {version} is newer than"
-            f" this version of background_tasks knows ({SCHEMA_VERSION}); upgrade"
-            " background_tasks"
-        )
+    check_schema(
+        where, _schema_version(conn, tables), tables, known=SCHEMA_VERSION, holder="the file"
+    )
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise JournalError(f"cannot open journal {where}: WAL mode is not available ({mode})")
@@ -155,12 +131,10 @@ def prepare(
     begin(conn)
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        version = _schema_version(conn, tables) or 0
-        if version > SCHEMA_VERSION:  # another process upgraded meanwhile
-            raise JournalError(
-                f"cannot open journal {where}: its schema version {version} is newer"
-                f" than this version of background_tasks knows ({SCHEMA_VERSION})"
-            )
+        version = _schema_version(conn, tables)
+        # again: another process may have upgraded (or written) it meanwhile
+        check_schema(where, version, tables, known=SCHEMA_VERSION, holder="the file")
+        version = version or 0
         if version == SCHEMA_VERSION:
             conn.execute("UPDATE meta SET value = value WHERE key = 'rev'")
             conn.execute("ROLLBACK")
