@@ -8,6 +8,7 @@ manager moved on makes the task held here ``lose`` it.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import anyio
 from ._errors import BackgroundTasksError
 from ._events import log
 from ._states import TaskStatus
-from .journal._protocol import Journal, NotifyingJournal, TaskRow
+from .journal._protocol import Journal, LivenessJournal, NotifyingJournal, TaskRow
 
 if TYPE_CHECKING:
     from ._queue import Dispatch
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 __all__ = ["JournalSync"]
 
 RUNNING = TaskStatus.RUNNING
+#: How often a manager asks the journal for tasks of dead owners (the 2 s takeover).
+_ORPHANS_EVERY = 0.5
+#: A takeover applies only while the lease is the one watched (not renewed since).
+_SAME_LEASE = 1e-6
 
 
 class JournalSync:
@@ -37,11 +42,13 @@ class JournalSync:
     __slots__ = (
         "cursor",
         "default_retry",
+        "leases",
         "dispatch",
         "journal",
         "poll_interval",
         "registry",
         "run_tasks",
+        "suspects",
         "table",
         "writer",
     )
@@ -66,6 +73,10 @@ class JournalSync:
         self.run_tasks = run_tasks
         self.poll_interval = poll_interval
         self.cursor = 0
+        #: other owners' RUNNING rows: (lease_until seen, our monotonic time first seen)
+        self.leases: dict[str, tuple[float, float]] = {}
+        #: rows the journal reported orphaned: our monotonic time first reported
+        self.suspects: dict[str, float] = {}
 
     def take(self, row: TaskRow) -> Task | None:
         """Hold and queue a runnable row here; None if this process does not run it (its
@@ -81,20 +92,59 @@ class JournalSync:
         return task
 
     async def take_over_expired(self) -> None:
-        """RUNNING rows whose lease ended: each taken over by the writer, and run here
-        if it goes back to PENDING. Never this manager's own: it is alive (its lease ran
-        out while the journal was away), and it finishes what it holds."""
-        now = time.time()
+        """RUNNING rows whose owner stopped renewing its lease: taken over by the writer,
+        and run here if they go back to PENDING.
+
+        Expiry is measured on this process's monotonic clock, never by comparing a lease
+        (another process's wall clock) with ours: a row counts as expired once its
+        ``lease_until`` has not changed for ``lease_timeout`` seconds of our watching,
+        and the takeover applies only if it still has not (``Change.lease_before``). A
+        manager whose clock is off can then neither take live tasks nor lose its own.
+        Never this manager's own rows: it is alive (their lease ran out while the
+        journal was away), and it finishes what it holds.
+        """
+        now = anyio.current_time()
         owner = self.writer.owner
-        for row in await self.journal.expired(now):
+        lease = self.journal.lease_timeout
+        watched, self.leases = self.leases, {}
+        for row in await self.journal.expired(math.inf):  # every lease, to watch
+            if row.owner == owner or row.lease_until is None:
+                continue
+            seen = watched.get(row.id)
+            if seen is None or seen[0] != row.lease_until:
+                self.leases[row.id] = (row.lease_until, now)
+            elif now - seen[1] < lease:
+                self.leases[row.id] = seen
+            else:
+                await self._take_over(row, row.lease_until + _SAME_LEASE)
+
+    async def take_over_orphaned(self) -> None:
+        """RUNNING rows whose owner the journal knows to be dead (``LivenessJournal``):
+        taken over at once, or after the journal's ``orphan_grace`` of our watching."""
+        journal = self.journal
+        if not isinstance(journal, LivenessJournal):
+            return
+        now = anyio.current_time()
+        owner = self.writer.owner
+        suspects, self.suspects = self.suspects, {}
+        for row in await journal.orphaned():
             if row.owner == owner:
                 continue
-            taken = await self.writer.take_over(row, now)
-            if taken is not None:
-                self.seen(taken)
+            since = suspects.get(row.id, now)
+            if now - since >= journal.orphan_grace:
+                await self._take_over(row, None)
+            else:
+                self.suspects[row.id] = since
+
+    async def _take_over(self, row: TaskRow, lease_before: float | None) -> None:
+        taken = await self.writer.take_over(row, lease_before)
+        if taken is not None:
+            self.leases.pop(row.id, None)
+            self.seen(taken)
 
     async def recover(self) -> None:
         """On start: dead owners' tasks taken over, then every runnable row queued here."""
+        await self.take_over_orphaned()
         await self.take_over_expired()
         rows, self.cursor = await self.journal.runnable()
         for row in rows:
@@ -105,7 +155,7 @@ class JournalSync:
         journal = self.journal
         owner = self.writer.owner
         lease = journal.lease_timeout
-        next_renew = next_reclaim = anyio.current_time()
+        next_renew = next_reclaim = next_orphans = anyio.current_time()
         # A journal that can push changes (PostgreSQL's LISTEN/NOTIFY) wakes this loop
         # early; the others are polled every poll_interval.
         notifying = journal if isinstance(journal, NotifyingJournal) else None
@@ -114,7 +164,10 @@ class JournalSync:
                 now = anyio.current_time()
                 if now >= next_renew:
                     next_renew = now + lease / 3
-                    await journal.renew(owner, time.time() + lease)
+                    await journal.renew(owner, time.time() + lease, self.writer.unknown)
+                if now >= next_orphans:
+                    next_orphans = now + _ORPHANS_EVERY
+                    await self.take_over_orphaned()
                 if now >= next_reclaim:
                     next_reclaim = now + lease / 2
                     await self.take_over_expired()
@@ -125,7 +178,9 @@ class JournalSync:
                     await anyio.sleep(self.poll_interval)
                 else:  # at most 1 s, so a cancel from elsewhere still lands within a second
                     now = anyio.current_time()
-                    timeout = max(0.01, min(1.0, next_renew - now, next_reclaim - now))
+                    timeout = max(
+                        0.01, min(1.0, next_renew - now, next_reclaim - now, next_orphans - now)
+                    )
                     await notifying.wait_for_changes(timeout)
             except BackgroundTasksError as exc:
                 log.error("journal_error", error=str(exc))

@@ -445,10 +445,12 @@ class StateWriter:
             text = dumps({"fraction": fraction, "message": message, "updated_at": at}, "progress")
             await self.journal.set_progress(task.id, self.owner, task.version, text)
 
-    async def take_over(self, row: TaskRow, now: float) -> TaskRow | None:
-        """A RUNNING row whose owner is gone (its lease ended before ``now``)."""
+    async def take_over(self, row: TaskRow, lease_before: float | None) -> TaskRow | None:
+        """A RUNNING row whose owner is gone (dead, or its lease not renewed in time)."""
         assert self.journal is not None
-        return await take_over(self.journal, self.owner, row, now, self.max_recoveries)
+        return await take_over(
+            self.journal, self.owner, row, time.time(), self.max_recoveries, lease_before
+        )
 
 
 def _landed(row: TaskRow | None, change: Change, owner: str) -> bool:
@@ -481,11 +483,17 @@ def _row_change(
 
 
 async def take_over(
-    journal: Journal, owner: str, row: TaskRow, now: float, max_recoveries: int
+    journal: Journal,
+    owner: str,
+    row: TaskRow,
+    now: float,
+    max_recoveries: int,
+    lease_before: float | None,
 ) -> TaskRow | None:
     """Take a dead or expired owner's RUNNING task: ``reclaim_target`` decides where it
-    goes, and the change applies only while the lease is still older than ``now`` (not
-    if the owner renewed it meanwhile). Returns the row as written, or None."""
+    goes; with ``lease_before`` the change applies only while the row's lease is still
+    before it (not if the owner renewed it meanwhile). Returns the row as written, or
+    None."""
     interruptions = row.recoveries + 1
     target = reclaim_target(interruptions, max_recoveries, row.cancel_requested)
     check_transition(row.status, target)
@@ -493,7 +501,7 @@ async def take_over(
     if target is FAILED:
         why = ErrorInfo.from_exception(TaskInterrupted(row.id, interruptions, max_recoveries))
         info = why.model_copy(update={"message": f"{why.message} (last owner {row.owner!r})"})
-    change = _rows.takeover_change(row, target, now, owner, info)
+    change = _rows.takeover_change(row, target, now, owner, info, lease_before)
     if not await journal.apply(change):
         return None
     _row_transition(row, change)

@@ -151,16 +151,22 @@ def change(
 
 
 def takeover_change(
-    row: TaskRow, target: TaskStatus, now: float, owner: str, info: ErrorInfo | None
+    row: TaskRow,
+    target: TaskStatus,
+    now: float,
+    owner: str,
+    info: ErrorInfo | None,
+    lease_before: float | None,
 ) -> Change:
-    """The update that takes a dead or expired owner's RUNNING row to ``target``; it
-    applies only while the row's lease is still older than ``now``."""
+    """The update that takes a dead or expired owner's RUNNING row to ``target``."""
     fields: dict[str, Any] = {"recoveries": row.recoveries + 1, "owner": None, "lease_until": None}
     if target is not PENDING:
         fields["finished_at"] = now
     if info is not None:
         fields["error_json"] = info.model_dump_json()
-    return Change(row.id, row.version, RUNNING, target, row.attempts, now, owner, fields, now)
+    return Change(
+        row.id, row.version, RUNNING, target, row.attempts, now, owner, fields, lease_before
+    )
 
 
 def requeue_fields(now: float) -> dict[str, Any]:
