@@ -220,10 +220,9 @@ async def open_journal(path: str) -> AsyncIterator[SQLiteJournal]:
 
 
 async def _scan(journal: Journal, status: TaskStatus, **filters: Any) -> list[TaskRow]:
-    """Every row with this status (up to SCAN_LIMIT), newest first.
-
-    ``status`` and bulk ``requeue`` need aggregates the journal protocol does not offer
-    (counts by queue, finished since a time, the oldest pending row), so they read rows.
+    """Every row with this status (up to SCAN_LIMIT), newest first: the running and
+    retrying tasks ``status`` lists, the tasks a bulk ``requeue`` acts on. (The counts
+    ``status`` shows come from the journal: ``counts`` and ``InspectableJournal``.)
     """
     return await journal.list(status=status, limit=SCAN_LIMIT, **filters)
 

@@ -1,13 +1,14 @@
 """Group commit, the half every journal shares: callers queue operations, one of them
 leads the batch into a worker thread, everyone else waits on the batch's one event.
 
-Many concurrent writes thus share one transaction (DESIGN.md §2) without a writer task
-of its own: the first operation of a batch makes its caller the leader, which waits for
-the previous batch's commit (so batches commit in order), closes its batch and runs it
-with the journal's ``write_batch`` in a worker thread. Operations that arrive meanwhile
-form the next batch. Two events per batch, not one per operation: callers of ``first``
-operations (a worker recording an outcome) are woken before the rest (submitters), so a
-worker is idle again when the submitters of the same batch look for one.
+Many concurrent writes thus share one transaction (a caller still returns only once its
+write is committed) without a writer task of its own: the first operation of a batch
+makes its caller the leader, which waits for the previous batch's commit (so batches
+commit in order), closes its batch and runs it with the journal's ``write_batch`` in a
+worker thread. Operations that arrive meanwhile form the next batch. Two events per
+batch, not one per operation: callers of ``first`` operations (a worker recording an
+outcome) are woken before the rest (submitters), so a worker is idle again when the
+submitters of the same batch look for one.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ transition; the manager does (``_manager._apply``) and hands the journal a ``Cha
 which the journal applies only if the row is still at the version the manager saw
 (optimistic concurrency). That one rule gives atomic claims across processes, fencing of
 late outcomes from owners whose lease expired, and safe cancel/requeue from anywhere.
+(The deprecated ``reclaim`` is the one verb that still chooses targets itself;
+``expired`` and ``apply`` replace it.)
 
 All times are epoch seconds (``time.time()``); statuses are ``TaskStatus`` values.
 

@@ -1,6 +1,7 @@
 """The SQLite journal: durable tasks in one file, shared by every process that opens it.
 
-How a write travels (DESIGN.md §2, "durable acknowledgement"):
+How a write travels (a submit returns once its row is committed; the README's
+"Performance" section measures what this costs):
 
 * A caller builds an operation object (``_Insert``, ``_Apply``, ...) on the event loop and
   appends it to the open *batch*. The first operation of a batch makes its caller the
