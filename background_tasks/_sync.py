@@ -42,9 +42,9 @@ class JournalSync:
     __slots__ = (
         "cursor",
         "default_retry",
-        "leases",
         "dispatch",
         "journal",
+        "leases",
         "poll_interval",
         "registry",
         "run_tasks",

@@ -29,6 +29,7 @@ import pytest
 from background_tasks import BackgroundTaskManager
 from background_tasks._errors import JournalError
 from background_tasks._states import TaskStatus
+from background_tasks._writer import take_over
 from background_tasks.journal._protocol import Journal, TaskRow
 from background_tasks.postgres import CHANNEL, SCHEMA_VERSION, PostgresJournal
 from background_tasks.testing import (
@@ -494,29 +495,10 @@ async def test_three_journals_claim_each_row_once(
         await third.close()
 
 
-# --------------------------------------------------------------------------- reclaim
+# --------------------------------------------------------------------------- takeover
 
 
-async def test_reclaim_skips_a_row_locked_by_its_writer(
-    journal: PostgresJournal, peer: PostgresJournal, pg_dsn: str
-) -> None:
-    now = time.time()
-    rows = []
-    for _ in range(2):
-        row = await journal.insert(make_row())
-        rows.append(await applied(journal, claim(row, lease=1, now=now - 10)))
-    busy, free = rows
-    with _admin(pg_dsn) as conn, conn.transaction():  # the owner is writing `busy` now
-        conn.execute(f'SELECT 1 FROM "{journal.schema}".tasks WHERE id = %s FOR UPDATE', (busy.id,))
-        started = time.monotonic()
-        back = await peer.reclaim(now, max_recoveries=5)
-        assert time.monotonic() - started < 2  # did not wait for the lock
-        assert [r.id for r in back] == [free.id]
-    [later] = await peer.reclaim(now, max_recoveries=5)
-    assert (later.id, later.status) == (busy.id, P)
-
-
-async def test_two_reclaimers_take_each_row_once(
+async def test_two_managers_take_each_expired_row_over_once(
     journal: PostgresJournal, peer: PostgresJournal
 ) -> None:
     now = time.time()
@@ -528,7 +510,9 @@ async def test_two_reclaimers_take_each_row_once(
     got: list[str] = []
 
     async def reclaim(j: PostgresJournal) -> None:
-        got.extend(r.id for r in await j.reclaim(now, max_recoveries=5))
+        for row in await j.expired(now):
+            if await take_over(j, "taker", row, now, 5, now) is not None:
+                got.append(row.id)
 
     async with anyio.create_task_group() as tg:
         for _ in range(3):

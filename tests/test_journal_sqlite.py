@@ -15,6 +15,7 @@ import pytest
 
 from background_tasks._errors import InvalidTransition, JournalError
 from background_tasks._states import TaskStatus
+from background_tasks._writer import take_over
 from background_tasks.journal._protocol import Change, TaskRow
 from background_tasks.journal.sqlite import SCHEMA_VERSION, SQLiteJournal, _schema
 from background_tasks.journal.sqlite._batch import _Shape
@@ -293,11 +294,11 @@ async def test_requeue_collision_fails_alone_in_a_shared_batch(journal: SQLiteJo
         assert await journal.get(row.id) == row
 
 
-async def test_reclaim_cancels_a_task_whose_cancel_was_requested(
+async def test_a_takeover_cancels_a_task_whose_cancel_was_requested(
     journal: SQLiteJournal, tmp_path: Path
 ) -> None:
-    """A cancel asked for just before the owner died is not lost: the task ends CANCELLED
-    instead of running again."""
+    """A cancel asked for just before the owner died is not lost: the state writer's
+    takeover (``reclaim_target``) ends the task CANCELLED instead of running it again."""
     now = time.time()
     asked = await applied(journal, claim(await journal.insert(make_row()), lease=1, now=now - 10))
     assert await journal.request_cancel(asked.id) is not None
@@ -306,7 +307,11 @@ async def test_reclaim_cancels_a_task_whose_cancel_was_requested(
     await peer.open("peer")
     try:
         _, cursor = await journal.changes(0, OWNER)
-        back = {row.id: row for row in await peer.reclaim(now, max_recoveries=0)}
+        back = {}
+        for row in await peer.expired(now):
+            taken = await take_over(peer, "peer", row, now, 0, now)
+            assert taken is not None
+            back[row.id] = taken
     finally:
         await peer.close()
     cancelled = back[asked.id]

@@ -13,6 +13,7 @@ from ._protocol import Change as Change
 from ._protocol import ClaimingJournal as ClaimingJournal
 from ._protocol import InspectableJournal as InspectableJournal
 from ._protocol import Journal as Journal
+from ._protocol import LivenessJournal as LivenessJournal
 from ._protocol import NotifyingJournal as NotifyingJournal
 from ._protocol import TaskRow as TaskRow
 
@@ -22,6 +23,7 @@ __all__ = (
     "ClaimingJournal",
     "InspectableJournal",
     "Journal",
+    "LivenessJournal",
     "NotifyingJournal",
     "TaskRow",
 )

@@ -1,20 +1,19 @@
 """The journal contract: what the manager asks of durable storage, and nothing more.
 
 A journal stores one row per task plus a history of transitions. It never decides a
-transition; the manager does (``_manager._apply``) and hands the journal a ``Change``,
+transition; the manager's state writer does and hands the journal a ``Change``,
 which the journal applies only if the row is still at the version the manager saw
 (optimistic concurrency). That one rule gives atomic claims across processes, fencing of
 late outcomes from owners whose lease expired, and safe cancel/requeue from anywhere.
-(The deprecated ``reclaim`` is the one verb that still chooses targets itself;
-``expired`` and ``apply`` replace it.)
 
 All times are epoch seconds (``time.time()``); statuses are ``TaskStatus`` values.
 
 ``Journal`` is what every journal must do. What a journal may do besides, and the manager
 uses when it is there, is a protocol of its own, checked with ``isinstance``:
 ``ClaimingJournal`` (insert a task already claimed), ``BatchingJournal`` (apply without
-waiting for the commit), ``NotifyingJournal`` (wake up when another process writes) and
-``InspectableJournal`` (the aggregates ``bgtasks status`` shows). Each one extends
+waiting for the commit), ``NotifyingJournal`` (wake up when another process writes),
+``LivenessJournal`` (tell which owners are dead) and ``InspectableJournal`` (the
+aggregates ``bgtasks status`` shows). Each one extends
 ``Journal``; a journal class may subclass the protocols it implements.
 ``background_tasks.testing.JournalContract`` tests all of them.
 """
@@ -22,7 +21,7 @@ waiting for the commit), ``NotifyingJournal`` (wake up when another process writ
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,7 +30,7 @@ from .._states import TaskStatus
 
 __all__ = [
     "BatchingJournal", "Change", "ClaimingJournal", "InspectableJournal", "Journal",
-    "NotifyingJournal", "TaskRow",
+    "LivenessJournal", "NotifyingJournal", "TaskRow",
 ]  # fmt: skip
 
 
@@ -129,23 +128,19 @@ class Journal(Protocol):
     ) -> None:
         """Record progress of a running attempt (no version bump, no history line)."""
 
-    async def renew(self, owner: str, lease_until: float) -> None:
-        """Extend the lease of every RUNNING row this owner holds (the heartbeat)."""
+    async def renew(self, owner: str, lease_until: float, exclude: Collection[str] = ()) -> None:
+        """Extend the lease of every RUNNING row this owner holds (the heartbeat), but
+        the rows in ``exclude``: tasks whose last write failed, whose lease the manager
+        lets run out so that another manager may take them over."""
 
     async def expired(self, now: float) -> builtins.list[TaskRow]:
         """RUNNING rows whose lease ended before ``now``, oldest first (by id).
 
         The journal decides nothing: the manager chooses each row's target and writes it
         with ``apply``, with ``Change.lease_before`` set so that a lease renewed in
-        between is not taken over.
+        between is not taken over. (The manager passes ``math.inf`` and watches each
+        lease on its own monotonic clock, so that clocks that disagree do not matter.)
         """
-
-    async def reclaim(self, now: float, max_recoveries: int) -> builtins.list[TaskRow]:
-        """Deprecated, to be removed: the manager will use ``expired`` and ``apply``.
-
-        RUNNING rows whose lease ended before ``now`` go back to PENDING (recoveries+1),
-        or to FAILED once recoveries would exceed ``max_recoveries``, or to CANCELLED when
-        a cancel was requested (its owner died before honouring it); returns the new rows."""
 
     async def get(self, task_id: str) -> TaskRow | None: ...
 
@@ -260,3 +255,24 @@ class InspectableJournal(Journal, Protocol):
 
     async def oldest(self, status: TaskStatus) -> TaskRow | None:
         """The earliest created task in ``status`` (ids sort by creation); None if none."""
+
+
+@runtime_checkable
+class LivenessJournal(Journal, Protocol):
+    """A journal that can tell when an owner is dead, not just late: the manager then
+    takes its tasks over at once instead of after ``lease_timeout``.
+
+    SQLite: each open journal holds an OS lock that its process's death releases,
+    whatever killed it. PostgreSQL: a session advisory lock, released with the owner's
+    dropped session.
+    """
+
+    #: Seconds an owner must stay reported dead before its tasks are taken over (0 where
+    #: death is certain; more where a live owner can look dead for a moment, as every
+    #: session of a restarted database server does until it reconnects).
+    orphan_grace: float
+
+    async def orphaned(self) -> builtins.list[TaskRow]:
+        """RUNNING rows whose owner is dead, as far as the journal can see; never this
+        journal's own. The manager takes them over with ``apply`` (the row's version
+        fences a late write)."""

@@ -11,10 +11,9 @@ lives here:
   ``check_schema``) and ``apply``'s check of ``Change.fields`` (``check_fields``), with
   one message each;
 * the base of every write operation (``Op``) and the parameters of the operations both
-  journals have (``RequestCancel``, ``SetProgress``, ``Renew``, ``Reclaim``,
-  ``PurgeStep``): a journal runs each with a class of its own that also derives from
-  its own ``_Op`` (how its batches run an operation), for example
-  ``class _Renew(_Op, Renew)``;
+  journals have (``RequestCancel``, ``SetProgress``, ``Renew``, ``PurgeStep``): a journal
+  runs each with a class of its own that also derives from its own ``_Op`` (how its
+  batches run an operation), for example ``class _Renew(_Op, Renew)``;
 * ``SQLJournal``, the verbs both journals run the same way: every read but
   ``runnable``/``changes`` (whose snapshots differ), and the writes that are one
   operation each. A journal provides ``_write(op)`` (its group commit), ``_fetch(sql,
@@ -27,7 +26,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from operator import attrgetter
 from typing import Any, ClassVar, Final, NamedTuple, Protocol
 
@@ -50,7 +49,6 @@ __all__ = [
     "Op",
     "OpClasses",
     "PurgeStep",
-    "Reclaim",
     "Renew",
     "RequestCancel",
     "SQLJournal",
@@ -60,7 +58,6 @@ __all__ = [
     "check_seconds",
     "close_all",
     "not_open",
-    "reclaim_target",
     "row_values",
     "to_row",
 ]  # fmt: skip
@@ -206,24 +203,15 @@ class SetProgress(Op):
 
 
 class Renew(Op):
-    __slots__ = ("lease_until", "owner")
+    """``exclude``: ids whose lease is left to run out (their state is not known)."""
 
-    def __init__(self, owner: str, lease_until: float) -> None:
+    __slots__ = ("exclude", "lease_until", "owner")
+
+    def __init__(self, owner: str, lease_until: float, exclude: tuple[str, ...]) -> None:
         super().__init__()
         self.owner = owner
         self.lease_until = lease_until
-
-
-class Reclaim(Op):
-    """Deprecated with ``Journal.reclaim``: expired leases, each row's target chosen by
-    ``reclaim_target`` inside the journal's transaction."""
-
-    __slots__ = ("max_recoveries", "now")
-
-    def __init__(self, now: float, max_recoveries: int) -> None:
-        super().__init__()
-        self.now = now
-        self.max_recoveries = max_recoveries
+        self.exclude = exclude
 
 
 class PurgeStep(Op):
@@ -235,27 +223,6 @@ class PurgeStep(Op):
         self.batch = batch
 
 
-def reclaim_target(
-    now: float, max_recoveries: int, recoveries: int, owner: str | None, cancel_requested: bool
-) -> tuple[TaskStatus, float | None, str | None]:
-    """Where ``Reclaim`` puts an expired row (deprecated with it): CANCELLED when a cancel
-    was asked for (its owner died before honouring it), FAILED once ``recoveries + 1``
-    exceeds ``max_recoveries``, else PENDING. Returns (target, finished_at, error_json)."""
-    if cancel_requested:
-        return X, now, None
-    if recoveries + 1 > max_recoveries:
-        error = ErrorInfo(
-            type="background_tasks.TaskInterrupted",
-            message=(
-                f"the task was interrupted {recoveries + 1} times, more than"
-                f" max_recoveries={max_recoveries}: its process stopped or crashed while"
-                f" running it (last owner {owner!r})"
-            ),
-        ).model_dump_json()
-        return F, now, error
-    return P, None, None
-
-
 # --------------------------------------------------------------------------- verbs
 
 
@@ -265,7 +232,6 @@ class OpClasses(NamedTuple):
     request_cancel: type[RequestCancel]
     set_progress: type[SetProgress]
     renew: type[Renew]
-    reclaim: type[Reclaim]
     purge_step: type[PurgeStep]
 
 
@@ -299,13 +265,8 @@ class SQLJournal:
     ) -> None:
         await self._write(self._ops.set_progress((progress_json, task_id, owner, version)))
 
-    async def renew(self, owner: str, lease_until: float) -> None:
-        await self._write(self._ops.renew(owner, lease_until))
-
-    async def reclaim(self, now: float, max_recoveries: int) -> builtins.list[TaskRow]:
-        """Deprecated, to be removed (see ``Journal.reclaim``)."""
-        result: builtins.list[TaskRow] = await self._write(self._ops.reclaim(now, max_recoveries))
-        return result
+    async def renew(self, owner: str, lease_until: float, exclude: Collection[str] = ()) -> None:
+        await self._write(self._ops.renew(owner, lease_until, tuple(exclude)))
 
     async def purge(self, older_than: float, batch: int = 1000) -> int:
         step = self._ops.purge_step

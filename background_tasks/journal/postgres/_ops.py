@@ -9,18 +9,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from ..._states import TaskStatus
 from .._protocol import Change, TaskRow
 from .._sql import (
     STATUS_INDEX,
     Op,
     OpClasses,
     PurgeStep,
-    Reclaim,
     Renew,
     RequestCancel,
     SetProgress,
-    reclaim_target,
     row_values,
     to_row,
 )
@@ -200,34 +197,8 @@ class _Renew(_Op, Renew):
 
     def run(self, tx: _Tx) -> int:
         tx.flush()
-        return tx.cur.execute(tx.j._sql["renew"], (self.lease_until, self.owner)).rowcount
-
-
-class _Reclaim(_Op, Reclaim):
-    __slots__ = ()
-
-    def run(self, tx: _Tx) -> list[TaskRow]:
-        tx.flush()
-        sql, cur, writer = tx.j._sql, tx.cur, tx.j._owner
-        rows: list[TaskRow] = []
-        for task_id, version, recoveries, owner, cancel_requested in cur.execute(
-            sql["expired_locked"], (self.now,)
-        ).fetchall():
-            target, finished_at, error = reclaim_target(
-                self.now, self.max_recoveries, recoveries, owner, cancel_requested
-            )
-            found = cur.execute(
-                sql["reclaim"], (target.value, writer, finished_at, error, task_id, version)
-            ).fetchone()
-            if found is not None:
-                row = to_row(found)
-                rows.append(row)
-                tx.touched.append(task_id)
-                tx.history.append(
-                    (task_id, row.version, TaskStatus.RUNNING.value, target.value,
-                     row.attempts, self.now, writer, error)
-                )  # fmt: skip
-        return rows
+        params = (self.lease_until, self.owner, list(self.exclude))
+        return tx.cur.execute(tx.j._sql["renew"], params).rowcount
 
 
 class _PurgeStep(_Op, PurgeStep):
@@ -243,4 +214,4 @@ class _PurgeStep(_Op, PurgeStep):
 
 
 #: The classes ``SQLJournal``'s verbs write with.
-OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _Reclaim, _PurgeStep)
+OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _PurgeStep)

@@ -104,14 +104,8 @@ def statements(s: str) -> dict[str, str]:
         " WHERE id = %s AND status = 'running'" + returning,
         "set_progress": "UPDATE @.tasks SET progress_json = %s"
         " WHERE id = %s AND status = 'running' AND owner = %s AND version = %s",
-        "renew": "UPDATE @.tasks SET lease_until = %s WHERE status = 'running' AND owner = %s",
-        "expired_locked": "SELECT id, version, recoveries, owner, cancel_requested FROM @.tasks"
-        " WHERE status = 'running' AND lease_until < %s ORDER BY id FOR UPDATE SKIP LOCKED",
-        "reclaim": "UPDATE @.tasks SET status = %s, version = version + 1, writer = %s,"
-        " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
-        " cancel_requested = false, finished_at = coalesce(%s, finished_at),"
-        " error_json = coalesce(%s, error_json)"
-        " WHERE id = %s AND version = %s AND status = 'running'" + returning,
+        "renew": "UPDATE @.tasks SET lease_until = %s WHERE status = 'running' AND owner = %s"
+        " AND NOT (id = ANY(%s))",
         "purge": "DELETE FROM @.tasks WHERE id IN (SELECT id FROM @.tasks"
         f" WHERE finished_at < %s AND status IN {TERMINAL_SQL} LIMIT %s FOR UPDATE SKIP LOCKED)"
         " RETURNING id",

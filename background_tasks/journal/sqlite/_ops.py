@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..._errors import InvalidTransition
-from ..._states import TaskStatus
 from .._protocol import Change, TaskRow
 from .._sql import (
     LIVE,
@@ -19,11 +18,9 @@ from .._sql import (
     Op,
     OpClasses,
     PurgeStep,
-    Reclaim,
     Renew,
     RequestCancel,
     SetProgress,
-    reclaim_target,
     row_values,
     to_row,
 )
@@ -210,47 +207,11 @@ class _Renew(_Op, Renew):
     _sql = "UPDATE tasks SET lease_until = ? WHERE status = 'running' AND owner = ?"
 
     def run(self, w: _Writer) -> int:
-        return w.conn.execute(self._sql, (self.lease_until, self.owner)).rowcount
-
-
-class _Reclaim(_Op, Reclaim):
-    """Expired leases: back to PENDING, or FAILED after too many recoveries, or CANCELLED
-    if a cancel was asked for (it must not be lost with the owner that died)."""
-
-    __slots__ = ()
-    _expired = (
-        "SELECT id, version, recoveries, owner, cancel_requested FROM tasks"
-        " WHERE status = 'running' AND lease_until < ?"
-    )
-    _sql = (
-        "UPDATE tasks SET status = ?, version = version + 1, rev = ?, writer = ?,"
-        " recoveries = recoveries + 1, owner = NULL, lease_until = NULL,"
-        " cancel_requested = 0, finished_at = coalesce(?, finished_at),"
-        " error_json = coalesce(?, error_json)"
-        " WHERE id = ? AND version = ? AND status = 'running'" + _RETURNING
-    )
-
-    def run(self, w: _Writer) -> list[TaskRow]:
-        rows: list[TaskRow] = []
-        for task_id, version, recoveries, owner, cancel in w.conn.execute(
-            self._expired, (self.now,)
-        ).fetchall():
-            target, finished_at, error = reclaim_target(
-                self.now, self.max_recoveries, recoveries, owner, cancel
-            )
-            found = w.conn.execute(
-                self._sql,
-                (target.value, w.rev, w.owner, finished_at, error, task_id, version),
-            ).fetchall()
-            w.touched.add(task_id)
-            if found:
-                row = to_row(found[0])
-                rows.append(row)
-                w.history.append(
-                    (task_id, row.version, TaskStatus.RUNNING.value, target.value,
-                     row.attempts, self.now, w.owner, error)
-                )  # fmt: skip
-        return rows
+        if not self.exclude:
+            return w.conn.execute(self._sql, (self.lease_until, self.owner)).rowcount
+        marks = ", ".join("?" * len(self.exclude))
+        sql = f"{self._sql} AND id NOT IN ({marks})"
+        return w.conn.execute(sql, (self.lease_until, self.owner, *self.exclude)).rowcount
 
 
 class _PurgeStep(_Op, PurgeStep):
@@ -267,4 +228,4 @@ class _PurgeStep(_Op, PurgeStep):
 
 
 #: The classes ``SQLJournal``'s verbs write with.
-OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _Reclaim, _PurgeStep)
+OPS: Final = OpClasses(_RequestCancel, _SetProgress, _Renew, _PurgeStep)
