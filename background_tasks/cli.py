@@ -727,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``bgtasks`` entry point; returns the exit status."""
     if Console is None:  # pragma: no cover
         sys.stderr.write(
-            f"{PROG}: error: the command line needs rich: pip install 'background-tasks[cli]'\n"
+            f"{PROG}: error: the command line needs rich: "
+            "pip install 'anyio-background-tasks[cli]'\n"
         )
         return EXIT_ERROR
     args = build_parser().parse_args(argv)

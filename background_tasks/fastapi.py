@@ -30,7 +30,7 @@ Every route answers 404 for an unknown id and 503 while the manager is not runni
 (its lifespan never ran, or it has shut down). Authentication is the application's:
 pass ``dependencies=[Depends(...)]`` and they guard every route.
 
-This module needs the ``fastapi`` extra: ``pip install "background-tasks[fastapi]"``.
+This module needs the ``fastapi`` extra: ``pip install "anyio-background-tasks[fastapi]"``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
