@@ -33,6 +33,7 @@ import anyio
 
 from ._durable import cancel_row, record, requeue_row
 from ._errors import BackgroundTasksError, InvalidTransition
+from ._extras import missing_extra
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from .journal._protocol import Journal, TaskRow
@@ -43,8 +44,8 @@ try:
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
-except ImportError:  # pragma: no cover - rich is in the [cli] extra
-    Console = None  # type: ignore[assignment,misc]
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without rich
+    raise missing_extra("the bgtasks command line", "cli", exc) from exc
 
 __all__ = ["CliError", "main", "parse_duration"]
 
@@ -724,13 +725,9 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``bgtasks`` entry point; returns the exit status."""
-    if Console is None:  # pragma: no cover
-        sys.stderr.write(
-            f"{PROG}: error: the command line needs rich: "
-            "pip install 'anyio-background-tasks[cli]'\n"
-        )
-        return EXIT_ERROR
+    """The command line in this process; returns the exit status. (The ``bgtasks``
+    command runs ``background_tasks.__main__.main``, which says what to install when
+    rich is missing.)"""
     args = build_parser().parse_args(argv)
     if args.func is cmd_demo and args.tasks < 10:
         sys.stderr.write(f"{PROG}: error: --tasks must be at least 10\n")

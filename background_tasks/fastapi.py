@@ -41,15 +41,20 @@ from datetime import datetime
 from typing import Annotated, Any, Final, TypeVar
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi import params as fastapi_params
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 
 from ._errors import BackgroundTasksError, InvalidTransition, TaskNotFound
+from ._extras import missing_extra
 from ._manager import BackgroundTaskManager
 from ._models import ErrorInfo, Progress, TaskRecord
 from ._states import TaskStatus
+
+try:
+    from fastapi import APIRouter, Depends, HTTPException, Query, Request
+    from fastapi import params as fastapi_params
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without fastapi
+    raise missing_extra("background_tasks.fastapi", "fastapi", exc) from exc
 
 __all__ = [
     "MANAGER_STATE_KEY",

@@ -94,3 +94,73 @@ def test_the_sdist_has_what_its_tests_need(tmp_path: Path) -> None:
     assert Path(where).is_relative_to(tree), where
 
     assert _collect(tree) == _collect(ROOT)
+
+
+# ------------------------------------------------------------------ imports without their extra
+
+
+def _without(blocked: str, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter where importing ``blocked`` fails, as it does
+    when the package is not installed (``sys.modules[name] = None`` makes Python refuse
+    the import with ModuleNotFoundError)."""
+    guard = f"import sys\nsys.modules[{blocked!r}] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", guard + code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+_IMPORT = """
+try:
+    import {module}
+except ImportError as exc:
+    print(type(exc).__name__, isinstance(exc, ModuleNotFoundError), exc.name, exc, sep="|")
+else:
+    print("imported")
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [
+        ("background_tasks.fastapi", "fastapi", "fastapi"),
+        ("background_tasks.cli", "rich", "cli"),
+    ],
+)
+def test_a_module_without_its_extra_says_what_to_install(
+    module: str, blocked: str, extra: str
+) -> None:
+    done = _without(blocked, _IMPORT.format(module=module))
+    assert done.returncode == 0, done.stderr
+    kind, is_module_not_found, name, message = done.stdout.strip().split("|")
+    assert kind == "MissingExtra"
+    assert is_module_not_found == "True"  # code catching ModuleNotFoundError still works
+    assert name.partition(".")[0] == blocked  # the module that failed (rich.console, ...)
+    assert f"needs {blocked}," in message
+    assert f"pip install 'anyio-background-tasks[{extra}]'" in message
+
+
+def test_the_package_imports_without_any_extra() -> None:
+    code = "\n".join(
+        [f"sys.modules[{name!r}] = None" for name in ("fastapi", "rich", "psycopg")]
+        + ["import background_tasks, background_tasks.__main__", "print('ok')"]
+    )
+    done = _without("starlette", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_bgtasks_without_rich_is_one_line_saying_what_to_install() -> None:
+    done = _without(
+        "rich", "from background_tasks.__main__ import main\nraise SystemExit(main(['--help']))"
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("bgtasks: error: the bgtasks command line needs rich")
+    assert "pip install 'anyio-background-tasks[cli]'" in done.stderr
