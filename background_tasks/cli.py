@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import anyio
 
 from ._durable import cancel_row, record, requeue_row
 from ._errors import BackgroundTasksError, InvalidTransition
-from ._extras import missing_extra
+from ._extras import DISTRIBUTION, missing_extra
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from .journal._protocol import Journal, TaskRow
@@ -47,7 +48,7 @@ try:
 except ImportError as exc:  # pragma: no cover - tested in a subprocess without rich
     raise missing_extra("the bgtasks command line", "cli", exc) from exc
 
-__all__ = ["CliError", "main", "parse_duration"]
+__all__ = ["CliError", "distribution_version", "main", "parse_duration"]
 
 PROG = "bgtasks"
 #: How many rows ``status`` and bulk ``requeue`` read per status (see ``_scan``).
@@ -116,6 +117,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_USAGE)
+
+
+def distribution_version() -> str:
+    """The installed distribution's version, as ``pip`` knows it (importlib.metadata);
+    for a source tree that is not installed, the package's own ``__version__``, saying so."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return f"{__version__} (not installed: {Path(__file__).resolve().parent})"
 
 
 # ------------------------------------------------------------------ output helpers
@@ -590,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Look into a background_tasks journal, act on it, run a worker, "
         "or watch the demo.",
         epilog="Start with 'bgtasks demo', then 'bgtasks status --journal bgtasks-demo.db'.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {distribution_version()}",
+        help="print the version of bgtasks and exit",
     )
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", required=True, parser_class=_Parser

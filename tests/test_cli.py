@@ -359,6 +359,24 @@ def test_help(cli: Cli) -> None:
         assert command in result.out
 
 
+def test_version(cli: Cli) -> None:
+    """``bgtasks --version``: the distribution's version from its installed metadata
+    (the package's own ``__version__`` when this tree is imported without installing)."""
+    import importlib.metadata
+
+    import background_tasks
+
+    try:
+        expected = importlib.metadata.version("anyio-background-tasks")
+    except importlib.metadata.PackageNotFoundError:
+        expected = background_tasks.__version__ + " (not installed: "
+    for result in (cli("--version"), run("--version")):
+        assert result.code == 0, result
+        assert result.out.startswith(f"bgtasks {expected}"), result
+        assert result.out.count("\n") == 1
+        assert result.err == ""
+
+
 def _worker_module(tmp_path: Path, name: str, body: str) -> str:
     (tmp_path / f"{name}.py").write_text(body)
     return name
