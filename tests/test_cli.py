@@ -214,6 +214,25 @@ def test_list_table(cli: Cli, made: Made) -> None:
     assert cli("list", "-j", str(made.path), "--name", "nothing").out.strip() == "no tasks match"
 
 
+@pytest.mark.parametrize("columns", [80, 40])
+def test_list_never_cuts_an_id(
+    cli: Cli, made: Made, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    """In a narrow terminal, ids stay whole (to paste into ``show``): other columns fold
+    or are left out, and only a terminal too narrow for the ids themselves gets long lines."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich sizes the table as in a terminal
+    monkeypatch.setenv("COLUMNS", str(columns))
+    result = cli("list", "--journal", str(made.path))
+    assert result.code == 0, result
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.out)
+    for task_id in made.ids.values():
+        assert re.search(rf"^{task_id}  ", text, re.MULTILINE), (task_id, text)
+    assert "too narrow for" in text  # says which columns it left out
+    if columns == 80:
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert "ValueError" in text  # a failed task's error, as far as it fits
+
+
 def test_show_prints_the_record_and_its_history(cli: Cli, made: Made) -> None:
     result = cli("show", made.ids["retrying"], "--journal", str(made.path))
     assert result.code == 0, result
