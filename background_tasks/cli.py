@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--journal",
         "-j",
-        default="bgtasks-demo.db",
+        default="bgtasks-demo.db",  # _demo.DEFAULT_JOURNAL (not imported for other commands)
         metavar="PATH",
         help="where to create the journal; replaces an earlier demo journal only "
         "(default: %(default)s)",

@@ -10,10 +10,13 @@ another process works on the journal.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,3 +543,45 @@ def test_demo_end_to_end(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "10/10 finished" in again.out
     assert "\x1b[" not in again.out  # no cursor movement or colour codes
     assert len(json.loads(run("list", "-j", str(path), "--json").out)) == 10
+
+
+@pytest.mark.slow
+def test_the_demos_last_hint_gets_requeued_tasks_run(cli: Cli, tmp_path: Path) -> None:
+    """The summary ends with requeue + worker: the worker it names has the demo's tasks
+    and serves that journal, so the requeued tasks run (they do not wait for ever)."""
+    path = tmp_path / "my demo.db"  # not the default path, and one that needs quoting
+    result = cli("demo", "--tasks", "40", "--journal", str(path))
+    assert result.code == 0, result
+    quoted = f"'{path}'"
+    hint = result.out.splitlines()[-2:]
+    assert hint == [
+        f"  bgtasks requeue --status failed --journal {quoted}",
+        f"  BGTASKS_DEMO_JOURNAL={quoted} bgtasks worker background_tasks._demo:worker",
+    ]
+    assert "<task id>" not in result.out  # the show hint names a failed task
+    failed = [i["id"] for i in records(cli("list", "-j", str(path), "-s", "failed", "--json"))]
+    assert failed
+    requeued = cli("requeue", "--status", "failed", "--journal", str(path))
+    assert requeued.out.strip() == f"requeued {len(failed)} failed tasks"
+
+    env = {**os.environ, "BGTASKS_DEMO_JOURNAL": str(path)}
+    command = [sys.executable, "-m", "background_tasks", "worker", "background_tasks._demo:worker"]
+    worker = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            items = records(cli("list", "-j", str(path), "--limit", "100", "--json"))
+            if all(TaskStatus(i["status"]).is_terminal for i in items):
+                break
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "worker stopped" in err
+    by_id = {i["id"]: i for i in items}
+    for task_id in failed:
+        assert by_id[task_id]["status"] in ("completed", "failed"), by_id[task_id]
+        assert by_id[task_id]["attempts"] >= 1  # run again, by the worker
+
