@@ -180,9 +180,15 @@ def _one_line(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+#: The statuses in which a record's error is the current one: the attempt that failed the
+#: task, or the one it is waiting to retry. In any other status (completed, running again,
+#: pending after an interruption, cancelled) it is an earlier attempt's.
+_ERROR_IS_CURRENT = frozenset({TaskStatus.FAILED, TaskStatus.RETRYING})
+
+
 def _info(row: TaskRow) -> str:
     """What is most worth seeing about a task in one cell: its error, progress or result."""
-    if row.error_json is not None and row.status is not TaskStatus.COMPLETED:
+    if row.error_json is not None and row.status in _ERROR_IS_CURRENT:
         error = json.loads(row.error_json)
         return _one_line(f"{error.get('type')}: {error.get('message')}")
     if row.progress_json is not None and not row.status.is_terminal:
@@ -427,10 +433,18 @@ async def cmd_show(args: argparse.Namespace) -> int:
         field("progress", fraction + (rec.progress.message or ""))
     if row.result_json is not None:
         field("result", row.result_json)
-    if rec.error is not None:
+    current = rec.error is not None and rec.status in _ERROR_IS_CURRENT
+    if rec.error is not None and current:
         field("error", Text(f"{rec.error.type}: {rec.error.message}", style="red"))
+    elif rec.error is not None:  # kept from an attempt before the one that counts now
+        failed = [line.attempt for line in history if line.error is not None]
+        which = f" (attempt {failed[-1]})" if failed else ""
+        field(
+            "earlier",
+            Text(f"an earlier attempt failed{which}: {rec.error.type}: {rec.error.message}"),
+        )
     console.print(grid)
-    if rec.error is not None and rec.error.traceback:
+    if rec.error is not None and current and rec.error.traceback:
         console.print(Text(rec.error.traceback.rstrip(), style="dim"))
     console.print()
     table = Table(title="history", title_justify="left", box=None, header_style="bold")

@@ -260,6 +260,43 @@ def test_show_prints_the_record_and_its_history(cli: Cli, made: Made) -> None:
     assert "ran on" in done.out
 
 
+def test_show_of_a_completed_task_calls_an_earlier_failure_earlier(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A task that failed once and then completed keeps the first attempt's error in its
+    record; ``show`` must not print it (and its traceback) as the task's error."""
+    path = tmp_path / "tasks.db"
+
+    async def make() -> str:
+        manager = BackgroundTaskManager(journal=SQLiteJournal(path))
+
+        @manager.task(name="lucky", retry=RetryPolicy(max_attempts=2, base_delay=0, jitter=False))
+        async def lucky() -> str:
+            if current_task().attempt == 1:
+                raise ConnectionError("the first try was refused")
+            return "second time lucky"
+
+        async with manager:
+            handle = await lucky.submit()
+            assert await handle == "second time lucky"
+            return handle.id
+
+    task_id = anyio.run(make, backend="asyncio")
+    shown = cli("show", task_id, "--journal", str(path))
+    assert shown.code == 0, shown
+    assert "completed" in shown.out
+    assert '"second time lucky"' in shown.out
+    earlier = "an earlier attempt failed (attempt 1): ConnectionError: the first try was refused"
+    assert earlier in shown.out
+    assert not re.search(r"^error ", shown.out, re.MULTILINE)
+    assert "Traceback" not in shown.out
+    listed = cli("list", "--journal", str(path))
+    assert "ConnectionError" not in listed.out  # the list shows the result instead
+    assert '-> "second time lucky"' in listed.out
+    record = json.loads(cli("show", task_id, "-j", str(path), "--json").out)
+    assert record["error"]["type"] == "ConnectionError"  # --json: the record as it is
+
+
 def test_status_counts_by_status_and_queue(cli: Cli, made: Made) -> None:
     result = cli("status", "--journal", str(made.path))
     assert result.code == 0, result
@@ -584,4 +621,3 @@ def test_the_demos_last_hint_gets_requeued_tasks_run(cli: Cli, tmp_path: Path) -
     for task_id in failed:
         assert by_id[task_id]["status"] in ("completed", "failed"), by_id[task_id]
         assert by_id[task_id]["attempts"] >= 1  # run again, by the worker
-
