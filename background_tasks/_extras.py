@@ -1,12 +1,14 @@
 """The distribution's name and its optional dependencies (extras).
 
 A module that needs an extra imports it inside ``try`` and raises ``missing_extra(...)``
-from the ``ImportError``, so that the message says what to install::
+from the ``ImportError``, so that the message says what to install:
 
-    try:
-        import psycopg
-    except ImportError as exc:
-        raise missing_extra("background_tasks.postgres", "postgres", exc) from exc
+```python
+try:
+    import psycopg
+except ImportError as exc:
+    raise missing_extra("background_tasks.postgres", "postgres", exc) from exc
+```
 """
 
 from __future__ import annotations
