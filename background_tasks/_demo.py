@@ -5,12 +5,17 @@ now and then and retry with backoff, slow reports that report progress, partner 
 calls that sometimes time out, invoices with bad data that fail at once, delayed
 reminders, and exports that get cancelled, some while running, some while waiting.
 Every random choice comes from ``--seed``, so two runs make the same decisions.
+
+``bgtasks worker background_tasks._demo:worker`` serves a demo journal after the demo
+(``$BGTASKS_DEMO_JOURNAL``, default ``bgtasks-demo.db``): it runs what was requeued there.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import shlex
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -33,10 +38,15 @@ from ._models import TaskRecord
 from ._retry import RetryPolicy
 from ._states import TaskStatus
 from .journal._protocol import Journal
+from .journal.sqlite import SQLiteJournal
 
-__all__ = ["prepare_journal", "run"]
+__all__ = ["DEFAULT_JOURNAL", "JOURNAL_ENV", "prepare_journal", "run", "worker_manager"]
 
 PREFIX = "demo."
+DEFAULT_JOURNAL = "bgtasks-demo.db"
+#: The journal that ``background_tasks._demo:worker`` serves.
+JOURNAL_ENV = "BGTASKS_DEMO_JOURNAL"
+WORKER = "background_tasks._demo:worker"
 QUEUES = {"images": 8, "emails": 4, "reports": 4}
 RUNNING, COMPLETED = TaskStatus.RUNNING, TaskStatus.COMPLETED
 FAILED, CANCELLED = TaskStatus.FAILED, TaskStatus.CANCELLED
@@ -45,9 +55,17 @@ FAILED, CANCELLED = TaskStatus.FAILED, TaskStatus.CANCELLED
 # ------------------------------------------------------------------ the tasks
 
 
-def _dice(seed: int, attempt: int = 1) -> random.Random:
-    """The same random decisions for the same task and attempt, run after run."""
-    return random.Random(seed * 1_000 + attempt)
+#: 0 in the demo, 1 in its worker: there a requeued task rolls new dice for the steps
+#: that depend on the attempt (an e-mail may now get through, a partner answer in time);
+#: what does not (a bad invoice) comes out the same.
+_round = 0
+
+
+def _dice(seed: int, attempt: int | None = None) -> random.Random:
+    """The same random decisions for the same task (and attempt), run after run."""
+    if attempt is None:
+        return random.Random(seed * 1_000 + 1)
+    return random.Random(seed * 1_000 + attempt + 1_000_003 * _round)
 
 
 async def resize_image(image_id: int, seed: int) -> dict[str, Any]:
@@ -190,6 +208,34 @@ async def prepare_journal(path: Path, owner: str, make: Callable[[Path], Journal
         await anyio.Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def _manager(journal: Journal) -> BackgroundTaskManager:
+    """The demo's manager, with every kind of task registered."""
+    manager = BackgroundTaskManager(
+        max_concurrency=24, queues=QUEUES, journal=journal, shutdown_timeout=2.0
+    )
+    for kind in KINDS:
+        if PREFIX + kind.fn.__name__ not in manager.registry.tasks:
+            manager.task(name=PREFIX + kind.fn.__name__, **kind.options)(kind.fn)
+    return manager
+
+
+def worker_manager(path: str | None = None) -> BackgroundTaskManager:
+    """A manager for ``bgtasks worker``: the demo's tasks on an existing demo journal
+    (``path``, else ``$BGTASKS_DEMO_JOURNAL``, else ``bgtasks-demo.db``), so that tasks
+    requeued there after the demo run again."""
+    global _round
+    _round = 1
+    where = path or os.environ.get(JOURNAL_ENV) or DEFAULT_JOURNAL
+    return _manager(SQLiteJournal(where, create=False))
+
+
+def __getattr__(name: str) -> Any:
+    """``background_tasks._demo:worker``, built when a worker asks for it."""
+    if name == "worker":
+        return worker_manager()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -258,12 +304,7 @@ class _Board:
 
 async def run(journal: Journal, path: Path, total: int, *, seed: int, console: Console) -> int:
     """Run the demo on ``journal`` (fresh); print the summary; return the exit status."""
-    manager = BackgroundTaskManager(
-        max_concurrency=24, queues=QUEUES, journal=journal, shutdown_timeout=2.0
-    )
-    for kind in KINDS:
-        if PREFIX + kind.fn.__name__ not in manager.registry.tasks:
-            manager.task(name=PREFIX + kind.fn.__name__, **kind.options)(kind.fn)
+    manager = _manager(journal)
     batch, urgent, exports = plan(total, seed)
     tracked: dict[str, Tracked] = {}
     live_bars = console.is_terminal
@@ -487,12 +528,18 @@ def _summary(
         f"({totals['retries']} retries)\n"
         "latency: from submit (or the end of a requested delay) to completion, completed tasks"
     )
-    where = escape(str(path))
+    if example_failure is None:  # no e-mail ran out of attempts: any failed task will do
+        example_failure = next((r for r in records.values() if r.status is FAILED), None)
+    where = escape(shlex.quote(str(path)))
     show = example_failure.id if example_failure is not None else "<task id>"
+    env = "" if str(path) == DEFAULT_JOURNAL else f"{JOURNAL_ENV}={where} "
     console.print(
         f"\nThe journal stays in [bold]{where}[/bold]. Look inside it:\n"
         f"  bgtasks status --journal {where}\n"
         f"  bgtasks list --journal {where} --status failed\n"
         f"  bgtasks show {show} --journal {where}\n"
-        f"  bgtasks requeue --status failed --journal {where}"
+        "Give the failed tasks another try: requeue them, then run a worker with the demo's\n"
+        "tasks (requeued tasks wait, pending, for a process that runs them; stop it with Ctrl-C):\n"
+        f"  bgtasks requeue --status failed --journal {where}\n"
+        f"  {env}bgtasks worker {WORKER}"
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,6 +34,7 @@ from typing import Any, NoReturn
 import anyio
 
 from ._errors import BackgroundTasksError, InvalidTransition
+from ._extras import DISTRIBUTION, missing_extra
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from ._writer import cancel_row, requeue_row
@@ -44,10 +47,10 @@ try:
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
-except ImportError:  # pragma: no cover - rich is in the [cli] extra
-    Console = None  # type: ignore[assignment,misc]
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without rich
+    raise missing_extra("the bgtasks command line", "cli", exc) from exc
 
-__all__ = ["CliError", "main", "parse_duration"]
+__all__ = ["CliError", "distribution_version", "main", "parse_duration"]
 
 PROG = "bgtasks"
 #: How many rows ``status`` and bulk ``requeue`` read per status (see ``_scan``).
@@ -118,6 +121,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def distribution_version() -> str:
+    """The installed distribution's version, as ``pip`` knows it (importlib.metadata);
+    for a source tree that is not installed, the package's own ``__version__``, saying so."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return f"{__version__} (not installed: {Path(__file__).resolve().parent})"
+
+
 # ------------------------------------------------------------------ output helpers
 
 
@@ -167,9 +181,15 @@ def _one_line(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+#: The statuses in which a record's error is the current one: the attempt that failed the
+#: task, or the one it is waiting to retry. In any other status (completed, running again,
+#: pending after an interruption, cancelled) it is an earlier attempt's.
+_ERROR_IS_CURRENT = frozenset({TaskStatus.FAILED, TaskStatus.RETRYING})
+
+
 def _info(row: TaskRow) -> str:
     """What is most worth seeing about a task in one cell: its error, progress or result."""
-    if row.error_json is not None and row.status is not TaskStatus.COMPLETED:
+    if row.error_json is not None and row.status in _ERROR_IS_CURRENT:
         error = json.loads(row.error_json)
         return _one_line(f"{error.get('type')}: {error.get('message')}")
     if row.progress_json is not None and not row.status.is_terminal:
@@ -180,6 +200,86 @@ def _info(row: TaskRow) -> str:
     if row.result_json is not None:
         return _one_line(f"-> {row.result_json}")
     return ""
+
+
+@dataclass(slots=True)
+class _Column:
+    """A column of a table that must fit the terminal without cutting a task id."""
+
+    header: str
+    cells: list[Text] = field(default_factory=list)
+    #: 0: always shown; otherwise hidden when the terminal is too narrow, highest first
+    drop: int = 0
+    #: None: never shrinks (ids, statuses, counts); else it may shrink to this width,
+    #: folding its text (names) or cutting it with an ellipsis (free text: make its cells
+    #: ``Text(..., no_wrap=True, overflow="ellipsis")``)
+    shrink_to: int | None = None
+
+    def width(self) -> int:
+        return max([len(self.header), *(cell.cell_len for cell in self.cells)])
+
+    def least(self) -> int:
+        return self.width() if self.shrink_to is None else min(self.width(), self.shrink_to)
+
+
+def _widths(columns: list[_Column], room: int) -> list[int]:
+    """Each column's width, the padding between them left out of ``room``: the fixed ones
+    as wide as their cells; the shrinkable ones at least ``shrink_to`` and then, left to
+    right, as wide as their cells while there is room; below ``shrink_to`` (to 4 at
+    least, the widest first) only if the fixed ones leave less."""
+    widths = [c.least() for c in columns]
+    spare = room - sum(widths)
+    for i, column in enumerate(columns):
+        if column.shrink_to is not None and spare > 0:
+            grow = min(spare, column.width() - widths[i])
+            widths[i] += grow
+            spare -= grow
+    while spare < 0:
+        narrower = [i for i, c in enumerate(columns) if c.shrink_to is not None and widths[i] > 4]
+        if not narrower:
+            break
+        widths[max(narrower, key=widths.__getitem__)] -= 1
+        spare += 1
+    return widths
+
+
+def _fit(console: Console, columns: list[_Column]) -> None:
+    """Print ``columns`` as one table whose ids are never cut.
+
+    rich squeezes a table that is wider than the terminal by cutting its cells, ids
+    included, which then cannot be pasted into ``bgtasks show``. Here only the columns
+    given ``shrink_to`` shrink (they fold, or end in an ellipsis); while that is not
+    enough, the optional columns are left out (a note says which); and a terminal that
+    is narrower still gets lines that wrap, never ids that are cut.
+    """
+    shown = list(columns)
+
+    def room() -> int:
+        return console.width - 2 * (len(shown) - 1)  # one space each side between columns
+
+    hidden: list[_Column] = []
+    for column in sorted((c for c in columns if c.drop), key=lambda c: -c.drop):
+        if sum(c.least() for c in shown) <= room():
+            break
+        shown.remove(column)
+        hidden.append(column)
+    widths = _widths(shown, room())
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, width in zip(shown, widths, strict=True):
+        table.add_column(
+            column.header, width=width, no_wrap=column.shrink_to is None, overflow="fold"
+        )
+    for cells in zip(*(column.cells for column in shown), strict=True):
+        table.add_row(*cells)
+    terminal = console.width
+    try:
+        console.width = max(terminal, sum(widths) + 2 * (len(shown) - 1))
+        console.print(table)
+    finally:
+        console.width = terminal
+    if hidden:
+        names = ", ".join(c.header for c in columns if c in hidden)
+        console.print(f"[dim]too narrow for {names}; --json shows every field[/dim]")
 
 
 def _print_json(value: Any) -> None:
@@ -250,28 +350,29 @@ async def cmd_list(args: argparse.Namespace) -> int:
         console.print("no tasks match")
         return EXIT_OK
     now = time.time()
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("ID", "NAME", "QUEUE", "STATUS", "PRI", "TRIES", "CREATED", "TOOK"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("INFO", overflow="ellipsis", no_wrap=True)
+    ids, names, queues = _Column("ID"), _Column("NAME", shrink_to=20), _Column("QUEUE", drop=3)
+    statuses, priorities, tries = (
+        _Column("STATUS"),
+        _Column("PRI", drop=5),
+        _Column("TRIES", drop=1),
+    )
+    created, took, info = (
+        _Column("CREATED", drop=2),
+        _Column("TOOK", drop=4),
+        _Column("INFO", shrink_to=12),
+    )
     for row in rows:
-        took = (
-            _span(row.finished_at - row.started_at)
-            if row.finished_at is not None and row.started_at is not None
-            else "-"
-        )
-        table.add_row(
-            row.id,
-            escape(row.name),
-            escape(row.queue),
-            _styled(row.status),
-            str(row.priority),
-            f"{row.attempts}/{row.max_attempts}",
-            _ago(row.created_at, now),
-            took,
-            escape(_info(row)),
-        )
-    console.print(table)
+        ids.cells.append(Text(row.id))
+        names.cells.append(Text(row.name))
+        queues.cells.append(Text(row.queue))
+        statuses.cells.append(_styled(row.status))
+        priorities.cells.append(Text(str(row.priority)))
+        tries.cells.append(Text(f"{row.attempts}/{row.max_attempts}"))
+        created.cells.append(Text(_ago(row.created_at, now)))
+        begun, ended = row.started_at, row.finished_at
+        took.cells.append(Text("-" if begun is None or ended is None else _span(ended - begun)))
+        info.cells.append(Text(_info(row), no_wrap=True, overflow="ellipsis"))
+    _fit(console, [ids, names, queues, statuses, priorities, tries, created, took, info])
     if len(rows) == args.limit:
         console.print(f"[dim]the {len(rows)} newest; --limit shows more[/dim]")
     return EXIT_OK
@@ -332,10 +433,18 @@ async def cmd_show(args: argparse.Namespace) -> int:
         field("progress", fraction + (rec.progress.message or ""))
     if row.result_json is not None:
         field("result", row.result_json)
-    if rec.error is not None:
+    current = rec.error is not None and rec.status in _ERROR_IS_CURRENT
+    if rec.error is not None and current:
         field("error", Text(f"{rec.error.type}: {rec.error.message}", style="red"))
+    elif rec.error is not None:  # kept from an attempt before the one that counts now
+        failed = [line.attempt for line in history if line.error is not None]
+        which = f" (attempt {failed[-1]})" if failed else ""
+        field(
+            "earlier",
+            Text(f"an earlier attempt failed{which}: {rec.error.type}: {rec.error.message}"),
+        )
     console.print(grid)
-    if rec.error is not None and rec.error.traceback:
+    if rec.error is not None and current and rec.error.traceback:
         console.print(Text(rec.error.traceback.rstrip(), style="dim"))
     console.print()
     table = Table(title="history", title_justify="left", box=None, header_style="bold")
@@ -417,22 +526,21 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
     console.print(f"[bold]running[/bold] {len(running)}")
     if running:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("ID", "NAME", "QUEUE", "OWNER", "ATTEMPT", "SINCE", "LEASE", "PROGRESS"):
-            table.add_column(column, no_wrap=True)
+        ids, names, queues = _Column("ID"), _Column("NAME", shrink_to=20), _Column("QUEUE", drop=2)
+        owners, attempts = _Column("OWNER", shrink_to=12), _Column("ATTEMPT", drop=1)
+        since, leases = _Column("SINCE", drop=3), _Column("LEASE", shrink_to=12)
+        progress = _Column("PROGRESS", shrink_to=12)
         for row in sorted(running, key=lambda r: r.started_at or r.created_at):
             lease = "-" if row.lease_until is None else _lease(row.lease_until, now)
-            table.add_row(
-                row.id,
-                escape(row.name),
-                escape(row.queue),
-                escape(row.owner or "-"),
-                f"{row.attempts}/{row.max_attempts}",
-                _ago(row.started_at, now),
-                Text(lease, style="bold red" if "EXPIRED" in lease else ""),
-                escape(_info(row)),
-            )
-        console.print(table)
+            ids.cells.append(Text(row.id))
+            names.cells.append(Text(row.name))
+            queues.cells.append(Text(row.queue))
+            owners.cells.append(Text(row.owner or "-"))
+            attempts.cells.append(Text(f"{row.attempts}/{row.max_attempts}"))
+            since.cells.append(Text(_ago(row.started_at, now)))
+            leases.cells.append(Text(lease, style="bold red" if "EXPIRED" in lease else ""))
+            progress.cells.append(Text(_info(row), no_wrap=True, overflow="ellipsis"))
+        _fit(console, [ids, names, queues, owners, attempts, since, leases, progress])
 
     console.print(
         f"[bold]last minute[/bold] {done[TaskStatus.COMPLETED]} completed "
@@ -590,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or watch the demo.",
         epilog="Start with 'bgtasks demo', then 'bgtasks status --journal bgtasks-demo.db'.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {distribution_version()}",
+        help="print the version of bgtasks and exit",
+    )
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", required=True, parser_class=_Parser
     )
@@ -619,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--journal",
         "-j",
-        default="bgtasks-demo.db",
+        default="bgtasks-demo.db",  # _demo.DEFAULT_JOURNAL (not imported for other commands)
         metavar="PATH",
         help="where to create the journal; replaces an earlier demo journal only "
         "(default: %(default)s)",
@@ -724,12 +838,9 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``bgtasks`` entry point; returns the exit status."""
-    if Console is None:  # pragma: no cover
-        sys.stderr.write(
-            f"{PROG}: error: the command line needs rich: pip install 'background-tasks[cli]'\n"
-        )
-        return EXIT_ERROR
+    """The command line in this process; returns the exit status. (The ``bgtasks``
+    command runs ``background_tasks.__main__.main``, which says what to install when
+    rich is missing.)"""
     args = build_parser().parse_args(argv)
     if args.func is cmd_demo and args.tasks < 10:
         sys.stderr.write(f"{PROG}: error: --tasks must be at least 10\n")

@@ -1,36 +1,35 @@
 """FastAPI integration: a status router, a manager dependency and lifespan glue.
 
 The pattern this module makes short is "accept the request, answer 202 with a status
-URL, let the client poll or wait"::
+URL, let the client poll or wait":
 
-    from fastapi import FastAPI
-    from background_tasks import BackgroundTaskManager
-    from background_tasks.fastapi import tasks_router
+```python
+from fastapi import FastAPI
+from background_tasks import BackgroundTaskManager
+from background_tasks.fastapi import tasks_router
 
-    manager = BackgroundTaskManager()
-    app = FastAPI(lifespan=manager.lifespan)
-    app.include_router(tasks_router(manager), prefix="/tasks")
+manager = BackgroundTaskManager()
+app = FastAPI(lifespan=manager.lifespan)
+app.include_router(tasks_router(manager), prefix="/tasks")
+```
 
 The router serves (paths relative to its prefix):
 
-=======================  =========================================================
-``GET ""``               records, newest first; filters ``status`` (any case),
-                         ``queue``, ``name``; ``limit`` from 1 to ``max_limit``
-``GET /{id}``            one record; ``?wait=S`` waits up to S seconds (at most
-                         ``max_wait``) for the task to finish, then answers with the
-                         record as it is; a client that goes away never cancels the task
-``POST /{id}/cancel``    202 and the record when the task was cancelled (a running
-                         task is being cancelled and is CANCELLED shortly after);
-                         409 when it had already finished
-``POST /{id}/requeue``   200 and the record of a FAILED or CANCELLED task sent back to
-                         PENDING; 409 for any other status
-=======================  =========================================================
+- ``GET ""``: records, newest first; filters ``status`` (any case), ``queue``, ``name``;
+  ``limit`` from 1 to ``max_limit``.
+- ``GET /{id}``: one record; ``?wait=S`` waits up to S seconds (at most ``max_wait``) for
+  the task to finish, then answers with the record as it is; a client that goes away
+  never cancels the task.
+- ``POST /{id}/cancel``: 202 and the record when the task was cancelled (a running task
+  is being cancelled and is CANCELLED shortly after); 409 when it had already finished.
+- ``POST /{id}/requeue``: 200 and the record of a FAILED or CANCELLED task sent back to
+  PENDING; 409 for any other status.
 
 Every route answers 404 for an unknown id and 503 while the manager is not running
 (its lifespan never ran, or it has shut down). Authentication is the application's:
 pass ``dependencies=[Depends(...)]`` and they guard every route.
 
-This module needs the ``fastapi`` extra: ``pip install "background-tasks[fastapi]"``.
+This module needs the ``fastapi`` extra: ``pip install "anyio-background-tasks[fastapi]"``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
@@ -41,15 +40,20 @@ from datetime import datetime
 from typing import Annotated, Any, Final, TypeVar
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi import params as fastapi_params
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 
 from ._errors import BackgroundTasksError, InvalidTransition, TaskNotFound
+from ._extras import missing_extra
 from ._manager import BackgroundTaskManager
 from ._models import ErrorInfo, Progress, TaskRecord
 from ._states import TaskStatus
+
+try:
+    from fastapi import APIRouter, Depends, HTTPException, Query, Request
+    from fastapi import params as fastapi_params
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without fastapi
+    raise missing_extra("background_tasks.fastapi", "fastapi", exc) from exc
 
 __all__ = [
     "MANAGER_STATE_KEY",

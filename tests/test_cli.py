@@ -10,10 +10,13 @@ another process works on the journal.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +217,25 @@ def test_list_table(cli: Cli, made: Made) -> None:
     assert cli("list", "-j", str(made.path), "--name", "nothing").out.strip() == "no tasks match"
 
 
+@pytest.mark.parametrize("columns", [80, 40])
+def test_list_never_cuts_an_id(
+    cli: Cli, made: Made, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    """In a narrow terminal, ids stay whole (to paste into ``show``): other columns fold
+    or are left out, and only a terminal too narrow for the ids themselves gets long lines."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich sizes the table as in a terminal
+    monkeypatch.setenv("COLUMNS", str(columns))
+    result = cli("list", "--journal", str(made.path))
+    assert result.code == 0, result
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.out)
+    for task_id in made.ids.values():
+        assert re.search(rf"^{task_id}  ", text, re.MULTILINE), (task_id, text)
+    assert "too narrow for" in text  # says which columns it left out
+    if columns == 80:
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert "ValueError" in text  # a failed task's error, as far as it fits
+
+
 def test_show_prints_the_record_and_its_history(cli: Cli, made: Made) -> None:
     result = cli("show", made.ids["retrying"], "--journal", str(made.path))
     assert result.code == 0, result
@@ -236,6 +258,43 @@ def test_show_prints_the_record_and_its_history(cli: Cli, made: Made) -> None:
     done = cli("show", made.ids["progress"], "-j", str(made.path))
     assert '"done"' in done.out
     assert "ran on" in done.out
+
+
+def test_show_of_a_completed_task_calls_an_earlier_failure_earlier(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A task that failed once and then completed keeps the first attempt's error in its
+    record; ``show`` must not print it (and its traceback) as the task's error."""
+    path = tmp_path / "tasks.db"
+
+    async def make() -> str:
+        manager = BackgroundTaskManager(journal=SQLiteJournal(path))
+
+        @manager.task(name="lucky", retry=RetryPolicy(max_attempts=2, base_delay=0, jitter=False))
+        async def lucky() -> str:
+            if current_task().attempt == 1:
+                raise ConnectionError("the first try was refused")
+            return "second time lucky"
+
+        async with manager:
+            handle = await lucky.submit()
+            assert await handle == "second time lucky"
+            return handle.id
+
+    task_id = anyio.run(make, backend="asyncio")
+    shown = cli("show", task_id, "--journal", str(path))
+    assert shown.code == 0, shown
+    assert "completed" in shown.out
+    assert '"second time lucky"' in shown.out
+    earlier = "an earlier attempt failed (attempt 1): ConnectionError: the first try was refused"
+    assert earlier in shown.out
+    assert not re.search(r"^error ", shown.out, re.MULTILINE)
+    assert "Traceback" not in shown.out
+    listed = cli("list", "--journal", str(path))
+    assert "ConnectionError" not in listed.out  # the list shows the result instead
+    assert '-> "second time lucky"' in listed.out
+    record = json.loads(cli("show", task_id, "-j", str(path), "--json").out)
+    assert record["error"]["type"] == "ConnectionError"  # --json: the record as it is
 
 
 def test_status_counts_by_status_and_queue(cli: Cli, made: Made) -> None:
@@ -357,6 +416,24 @@ def test_help(cli: Cli) -> None:
     assert result.code == 0
     for command in ("demo", "status", "list", "show", "cancel", "requeue", "purge", "worker"):
         assert command in result.out
+
+
+def test_version(cli: Cli) -> None:
+    """``bgtasks --version``: the distribution's version from its installed metadata
+    (the package's own ``__version__`` when this tree is imported without installing)."""
+    import importlib.metadata
+
+    import background_tasks
+
+    try:
+        expected = importlib.metadata.version("anyio-background-tasks")
+    except importlib.metadata.PackageNotFoundError:
+        expected = background_tasks.__version__ + " (not installed: "
+    for result in (cli("--version"), run("--version")):
+        assert result.code == 0, result
+        assert result.out.startswith(f"bgtasks {expected}"), result
+        assert result.out.count("\n") == 1
+        assert result.err == ""
 
 
 def _worker_module(tmp_path: Path, name: str, body: str) -> str:
@@ -503,3 +580,44 @@ def test_demo_end_to_end(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "10/10 finished" in again.out
     assert "\x1b[" not in again.out  # no cursor movement or colour codes
     assert len(json.loads(run("list", "-j", str(path), "--json").out)) == 10
+
+
+@pytest.mark.slow
+def test_the_demos_last_hint_gets_requeued_tasks_run(cli: Cli, tmp_path: Path) -> None:
+    """The summary ends with requeue + worker: the worker it names has the demo's tasks
+    and serves that journal, so the requeued tasks run (they do not wait for ever)."""
+    path = tmp_path / "my demo.db"  # not the default path, and one that needs quoting
+    result = cli("demo", "--tasks", "40", "--journal", str(path))
+    assert result.code == 0, result
+    quoted = f"'{path}'"
+    hint = result.out.splitlines()[-2:]
+    assert hint == [
+        f"  bgtasks requeue --status failed --journal {quoted}",
+        f"  BGTASKS_DEMO_JOURNAL={quoted} bgtasks worker background_tasks._demo:worker",
+    ]
+    assert "<task id>" not in result.out  # the show hint names a failed task
+    failed = [i["id"] for i in records(cli("list", "-j", str(path), "-s", "failed", "--json"))]
+    assert failed
+    requeued = cli("requeue", "--status", "failed", "--journal", str(path))
+    assert requeued.out.strip() == f"requeued {len(failed)} failed tasks"
+
+    env = {**os.environ, "BGTASKS_DEMO_JOURNAL": str(path)}
+    command = [sys.executable, "-m", "background_tasks", "worker", "background_tasks._demo:worker"]
+    worker = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            items = records(cli("list", "-j", str(path), "--limit", "100", "--json"))
+            if all(TaskStatus(i["status"]).is_terminal for i in items):
+                break
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "worker stopped" in err
+    by_id = {i["id"]: i for i in items}
+    for task_id in failed:
+        assert by_id[task_id]["status"] in ("completed", "failed"), by_id[task_id]
+        assert by_id[task_id]["attempts"] >= 1  # run again, by the worker

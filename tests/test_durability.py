@@ -681,8 +681,8 @@ def test_graceful_shutdown_leaves_work_pending_for_the_next_start(
 
 def test_an_attempt_cut_short_does_not_use_up_max_attempts(tmp_path: Path, spawn: Spawn) -> None:
     """max_attempts=2: the first attempt is cut short by a graceful shutdown, the second
-    fails, so the task still has its retry (API.md: an interrupted attempt "does not use
-    up max_attempts"), and the third succeeds."""
+    fails, so the task still has its retry (an interrupted attempt "does not use up
+    max_attempts", docs/reference/retry.md), and the third succeeds."""
     journal, markers = tmp_path / "tasks.db", tmp_path / "markers.jsonl"
     retry = {"max_attempts": 2, "base_delay": 0.1, "jitter": False}
     plan = ["sleep:30", "fail", "ok"]

@@ -1,4 +1,4 @@
-"""The package root re-exports the public surface of API.md, and only through __all__."""
+"""The package root re-exports the documented public surface, and only through __all__."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 import background_tasks
 
-#: Every name API.md imports from the package root.
+#: Every name the public contract imports from the package root (docs/reference/).
 API_NAMES = (
     "BackgroundTaskManager",
     "TaskHandle",

@@ -27,7 +27,7 @@ Logs = list[MutableMapping[str, Any]]
 P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 
-#: The table as API.md draws it; the code's table must be exactly this.
+#: The table as the docs draw it (docs/reference/records.md); the code's must be exactly this.
 EXPECTED = {
     (P, R),
     (P, X),

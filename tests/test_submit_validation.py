@@ -1,4 +1,4 @@
-"""Every bad input named in API.md raises the stated error at the stated moment
+"""Every bad input the docs name raises the stated error at the stated moment
 (construction, or submit), stores nothing, and leaves the manager working."""
 
 from __future__ import annotations
