@@ -2,7 +2,7 @@
 lives in ``background_tasks.journal.postgres``.
 
 It needs psycopg 3, which the package does not require: ``pip install
-'background-tasks[postgres]'``. Without it, importing this module raises ImportError
+'anyio-background-tasks[postgres]'``. Without it, importing this module raises ImportError
 saying so.
 """
 

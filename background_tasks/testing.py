@@ -524,6 +524,30 @@ class JournalContract:
         assert await journal.get(pending.id) == pending
         assert (await peer.changes(cursor, PEER))[0] == []  # a heartbeat is not a change
 
+    async def test_orphaned_lists_the_running_rows_of_a_dead_owner(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        """``LivenessJournal``: while an owner's journal is open its rows are not
+        orphaned, whatever their lease; once it is closed (its process or session gone)
+        they are, for the others, and never for the owner itself."""
+        if not _capable(peer, LivenessJournal):
+            return  # checked: it offers none of it
+        assert isinstance(journal, LivenessJournal)
+        mine = await self.running(journal, OWNER, lease=1, now=time.time() - 100)
+        theirs = await self.running(peer, PEER)
+        assert await peer.orphaned() == []
+        assert await journal.orphaned() == []  # its own are never orphaned
+        await journal.close()  # the owner goes away
+        with anyio.fail_after(10):  # a journal may wait for its own view to settle
+            while True:
+                found = await peer.orphaned()
+                if found:
+                    break
+                await anyio.sleep(0.1)
+        assert [r.id for r in found] == [mine.id]
+        assert await peer.get(theirs.id) == theirs  # a read: nothing changed
+        assert peer.orphan_grace >= 0
+
     async def test_expired_lists_running_rows_whose_lease_ended(
         self, journal: Journal, peer: Journal
     ) -> None:

@@ -98,3 +98,32 @@ async def test_a_fault_strands_no_task(
     assert counts["ran twice"] == 0
     if fault == "terminate":
         assert counts["terminated"] >= 1
+
+
+async def test_a_dead_owners_task_is_taken_over_within_2_s_not_after_its_lease(
+    server: Cluster, tmp_path: Path, anyio_backend: str
+) -> None:
+    """An owner whose database session is gone (as when its process dies) loses its
+    RUNNING task to a live manager within about 2 s, with a 30 s lease."""
+    import time
+
+    from background_tasks.testing import claim, make_row
+
+    marks = tmp_path / "takeover.jsonl"
+    heir = _manager(server.dsn, marks)
+    heir.journal.lease_timeout = 30.0  # type: ignore[union-attr]
+    async with heir:
+        await anyio.sleep(2.5)  # past the heir's own settling after it connected
+        dead = PostgresJournal(server.dsn, lease_timeout=30.0)
+        await dead.open("dead-owner")
+        row = await dead.insert(make_row(name="work", args_json="[7]", kwargs_json="{}"))
+        assert await dead.apply(claim(row, "dead-owner", lease=30.0))
+        await dead.close()  # its sessions end, as a crashed process's do
+        gone = time.monotonic()
+        with anyio.fail_after(20):  # well inside the 30 s lease
+            assert await heir.handle(row.id) == 7
+        took = time.monotonic() - gone
+        history = [(h.source, h.target, h.owner) for h in await heir.history(row.id)]
+    print(f"taken over {took:.2f} s after the session ended")  # for the record: pytest -s
+    assert history[2] == (TaskStatus.RUNNING, TaskStatus.PENDING, heir.owner)
+    assert took < 20

@@ -256,7 +256,7 @@ def test_without_psycopg_the_import_error_names_the_extra(module: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert "pip install 'background-tasks[postgres]'" in done.stdout
+    assert "pip install 'anyio-background-tasks[postgres]'" in done.stdout
     assert done.stderr == ""
 
 

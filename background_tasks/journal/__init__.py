@@ -3,7 +3,7 @@
 
 ``background_tasks.journal.sqlite``: ``SQLiteJournal``, one file shared by the processes
 of one machine. ``background_tasks.journal.postgres``: ``PostgresJournal``, one database
-shared by many machines; it needs psycopg (``pip install 'background-tasks[postgres]'``),
+shared by many machines; it needs psycopg (``pip install 'anyio-background-tasks[postgres]'``),
 so nothing here imports it, and ``background_tasks.postgres`` re-exports it.
 ``_group_commit`` is the batching both journals share.
 """

@@ -2,7 +2,7 @@
 
 ``PostgresJournal`` implements the same contract as ``SQLiteJournal`` (the reference:
 ``background_tasks.journal.sqlite``) with psycopg 3, which this package needs: install
-the extra ``background-tasks[postgres]`` (without psycopg, importing it raises
+the extra ``anyio-background-tasks[postgres]`` (without psycopg, importing it raises
 ImportError saying so). ``background_tasks.postgres`` re-exports it.
 
 This module is the journal (connections, batches, reads); ``_schema`` holds the
@@ -70,12 +70,12 @@ Claiming, and ``SKIP LOCKED``
 
 from __future__ import annotations
 
+from ..._extras import missing_extra
+
 try:
     import psycopg
 except ImportError as exc:  # pragma: no cover (psycopg is installed for the tests)
-    raise ImportError(
-        f"the PostgreSQL journal needs psycopg 3: pip install 'background-tasks[postgres]' ({exc})"
-    ) from exc
+    raise missing_extra("background_tasks.postgres", "postgres", exc) from exc
 
 import builtins
 import contextlib
@@ -93,7 +93,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..._errors import InvalidTransition, JournalError
 from .._group_commit import GroupCommit
-from .._protocol import Change, InspectableJournal, NotifyingJournal, TaskRow
+from .._protocol import Change, InspectableJournal, LivenessJournal, NotifyingJournal, TaskRow
 from .._sql import (
     CLEARS_CANCEL,
     Op,
@@ -169,7 +169,16 @@ def _redact(dsn: str) -> tuple[str, str | None]:
     return f"{scheme}://{netloc}{slash}{path}{question if query else ''}{query}", password
 
 
-class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
+#: The advisory-lock namespace of owners' presence locks ("bg"); the other key is a hash
+#: of the owner id.
+_PRESENCE: Final = 0x6267
+#: Seconds this journal's own presence lock must have been held before it judges other
+#: owners: after a server restart every session is gone at once, and the live owners
+#: need a moment to take their locks again.
+_SETTLE: Final = 2.0
+
+
+class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal, LivenessJournal):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
     ``dsn`` is a libpq connection string or URI (``postgresql://user:pw@host/db``);
@@ -227,6 +236,9 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
         #: apply's statements by (field names, clears the cancel request, lease_before)
         self._sql_cache: dict[tuple[tuple[str, ...], bool, bool], str] = {}
         self._listener: Listener | None = None  # LISTEN, on a connection of its own
+        #: a session that holds this owner's advisory lock while the journal is open
+        self._pconn: psycopg.Connection[Any] | None = None
+        self._present_since = 0.0  # monotonic time the lock was (last) taken
         self._committing = False  # the writer thread sent COMMIT for the current batch
 
     def __repr__(self) -> str:
@@ -293,6 +305,7 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
             wconn = self._connect_writer()
             prepare(wconn, self.schema, self.where)
             rconn = self._connect()
+            self._hold_presence()
             return wconn, rconn
         except BaseException as exc:
             close_all((rconn, wconn), psycopg.Error)
@@ -306,8 +319,8 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
         listener, self._listener = self._listener, None
         lconn = None if listener is None else await listener.stop()  # ends a wait first
         await self._commits.drain()
-        conns = (lconn, self._rconn, self._wconn)
-        self._wconn = self._rconn = None
+        conns = (lconn, self._rconn, self._wconn, self._pconn)
+        self._wconn = self._rconn = self._pconn = None
         self._commits.reset()
         if all(c is None for c in conns):
             return
@@ -320,6 +333,46 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
             finally:
                 if read_lock is not None:
                     read_lock.release()
+
+    # ------------------------------------------------------------------ liveness
+
+    #: no grace beyond ``_SETTLE``: a session that is gone is a dead owner
+    orphan_grace = 0.5
+
+    def _hold_presence(self) -> None:
+        """This owner's advisory lock, on a session of its own, taken again on a new
+        session if the old one is gone (worker thread)."""
+        conn = self._pconn
+        if conn is not None and not (conn.broken or conn.closed):
+            try:
+                conn.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                pass
+        if conn is not None:
+            conn.close()
+        self._pconn = None
+        conn = self._connect()
+        try:
+            conn.execute(self._sql["presence"], (_PRESENCE, self._owner))
+        except BaseException:
+            conn.close()
+            raise
+        self._pconn = conn
+        self._present_since = time.monotonic()
+
+    async def orphaned(self) -> builtins.list[TaskRow]:
+        """RUNNING rows whose owner's session no longer holds its advisory lock. Nothing
+        until this journal's own lock has been held for ``_SETTLE`` seconds."""
+        self._require_open()
+        try:
+            await anyio.to_thread.run_sync(self._hold_presence)
+        except psycopg.Error as exc:
+            raise JournalError(f"cannot read journal {self.where}: {self._reason(exc)}") from exc
+        if time.monotonic() - self._present_since < _SETTLE:
+            return []
+        found = await self._fetch(self._sql["orphaned"], (self._owner, _PRESENCE))
+        return [to_row(r) for r in found]
 
     # ------------------------------------------------------------------ writing
 

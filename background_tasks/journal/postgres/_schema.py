@@ -125,6 +125,14 @@ def statements(s: str) -> dict[str, str]:
         "counts": "SELECT status, count(*) FROM @.tasks GROUP BY status",
         "expired": f"SELECT {_COLS} FROM @.tasks"
         " WHERE status = 'running' AND lease_until < %s ORDER BY id",
+        # An owner is alive while its session holds its advisory lock (``presence``).
+        "presence": "SELECT pg_try_advisory_lock(%s, hashtext(%s) & 2147483647)",
+        "orphaned": f"SELECT {_COLS} FROM @.tasks t"
+        " WHERE status = 'running' AND owner IS NOT NULL AND owner <> %s AND NOT EXISTS"
+        " (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND l.classid = %s::oid AND l.objid = (hashtext(t.owner) & 2147483647)::oid"
+        " AND l.objsubid = 2) ORDER BY id",
         "counts_by_queue": "SELECT queue, status, count(*) FROM @.tasks GROUP BY queue, status",
         "finished_since": "SELECT status, count(*) FROM @.tasks"
         f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",

@@ -59,7 +59,14 @@ import anyio.to_thread
 from ..._errors import InvalidTransition, JournalError
 from ..._states import TaskStatus
 from .._group_commit import GroupCommit
-from .._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
+from .._protocol import (
+    BatchingJournal,
+    Change,
+    ClaimingJournal,
+    InspectableJournal,
+    LivenessJournal,
+    TaskRow,
+)
 from .._sql import COLUMNS, Op, SQLJournal, check_seconds, close_all, not_open, to_row
 from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
 from ._ops import (
@@ -69,6 +76,7 @@ from ._ops import (
     _Insert,
     _Op,
 )
+from ._owners import OwnerLocks
 from ._schema import _BUMP_REV, _CACHE_KIB, _READ_REV, _SQL, MIGRATIONS, SCHEMA_VERSION, prepare
 
 __all__ = ["MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteJournal"]
@@ -91,6 +99,9 @@ _OP_ERRORS: Final = (
     ValueError,
 )
 _BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_RUNNING_OWNERS: Final = (
+    "SELECT DISTINCT owner FROM tasks WHERE status = 'running' AND owner IS NOT NULL AND owner != ?"
+)
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -100,7 +111,9 @@ def _is_busy(exc: BaseException) -> bool:
     )
 
 
-class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal):
+class SQLiteJournal(
+    SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal, LivenessJournal
+):
     """A journal in one SQLite file (WAL mode), safe to share between processes.
 
     ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
@@ -111,6 +124,8 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
     """
 
     lease_timeout: float
+    #: an owner whose OS lock is free is dead: no grace (see ``_owners``)
+    orphan_grace = 0.0
     _sql = _SQL
     _mark = "?"
     _ops = OPS
@@ -154,6 +169,7 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
         self._shapes: dict[tuple[tuple[str, ...], TaskStatus, TaskStatus], _Shape] = {}
         self._grouped = _SET_BASED
         self._max_rows = _MAX_ROWS
+        self._owners = OwnerLocks(text)
 
     def __repr__(self) -> str:
         state = "open" if self._wconn is not None else "closed"
@@ -182,6 +198,7 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
                     self._wconn = self._rconn = None
                     self._commits.reset()
                     await anyio.to_thread.run_sync(close_all, (rconn, wconn), sqlite3.Error)
+                    self._owners.release()
         finally:
             self._closing = False
 
@@ -220,9 +237,12 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
             rconn = self._connect(first=False)
             rconn.execute("PRAGMA query_only = 1")
             rconn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
+            self._owners.hold(self._owner)
+            self._sweep(rconn)
             return wconn, rconn
         except BaseException as exc:
             close_all((rconn, wconn), sqlite3.Error)
+            self._owners.release()
             if isinstance(exc, JournalError):
                 raise
             if isinstance(exc, sqlite3.Error):
@@ -444,6 +464,35 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         return await self._read(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def orphaned(self) -> builtins.list[TaskRow]:
+        def read(conn: sqlite3.Connection) -> builtins.list[TaskRow]:
+            owners = {o for (o,) in conn.execute(_RUNNING_OWNERS, (self._owner,))}
+            dead = sorted(self._owners.dead(owners))
+            if not dead:
+                return []
+            sql = f"{_SQL['select']} WHERE status = 'running' AND owner IN"
+            sql += f" ({', '.join('?' * len(dead))}) ORDER BY id"
+            return [to_row(r) for r in conn.execute(sql, dead)]
+
+        return await self._read(read)
+
+    def _sweep(self, conn: sqlite3.Connection) -> None:
+        """At open: forget the lock files of dead owners that hold no task any more."""
+        try:
+            files = os.listdir(self._owners.directory)
+        except OSError:
+            return
+        running = {o for (o,) in conn.execute(_RUNNING_OWNERS, (self._owner,))}
+        owners = set()
+        for name in files:
+            if name.endswith(".lock"):
+                with (
+                    contextlib.suppress(OSError),
+                    open(os.path.join(self._owners.directory, name)) as f,
+                ):
+                    owners.add(f.readline().strip())
+        self._owners.forget(self._owners.dead(owners - running - {self._owner}))
 
     async def runnable(self) -> tuple[builtins.list[TaskRow], int]:
         sql = _SQL["select"] + " WHERE status IN ('pending', 'retrying') ORDER BY priority DESC, id"
