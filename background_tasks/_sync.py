@@ -40,6 +40,7 @@ class JournalSync:
     """Keeps this process's view of a shared journal current."""
 
     __slots__ = (
+        "_liveness",
         "cursor",
         "default_retry",
         "dispatch",
@@ -73,6 +74,7 @@ class JournalSync:
         self.run_tasks = run_tasks
         self.poll_interval = poll_interval
         self.cursor = 0
+        self._liveness = journal if isinstance(journal, LivenessJournal) else None
         #: other owners' RUNNING rows: (lease_until seen, our monotonic time first seen)
         self.leases: dict[str, tuple[float, float]] = {}
         #: rows the journal reported orphaned: our monotonic time first reported
@@ -121,8 +123,8 @@ class JournalSync:
     async def take_over_orphaned(self) -> None:
         """RUNNING rows whose owner the journal knows to be dead (``LivenessJournal``):
         taken over at once, or after the journal's ``orphan_grace`` of our watching."""
-        journal = self.journal
-        if not isinstance(journal, LivenessJournal):
+        journal = self._liveness
+        if journal is None:
             return
         now = anyio.current_time()
         owner = self.writer.owner

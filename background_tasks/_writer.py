@@ -56,6 +56,7 @@ class StateWriter:
 
     __slots__ = (
         "_apply_soon",
+        "_claiming",
         "claims_on_insert",
         "giving_up",
         "journal",
@@ -84,8 +85,10 @@ class StateWriter:
         self.lease = journal.lease_timeout if journal is not None else 0.0
         #: completions that do not wait for their commit, where the journal can
         self._apply_soon = journal.apply_soon if isinstance(journal, BatchingJournal) else None
-        #: whether a submit that finds a worker idle may store its task already claimed
-        self.claims_on_insert = isinstance(journal, ClaimingJournal)
+        #: the journal, where a submit that finds a worker idle may store its task already
+        #: claimed (the isinstance check of a Protocol is slow: made once, here)
+        self._claiming = journal if isinstance(journal, ClaimingJournal) else None
+        self.claims_on_insert = self._claiming is not None
         #: ids of tasks whose last write failed and whose row is not known yet: their
         #: lease is not renewed, so another manager may take them over meanwhile
         self.unknown: set[str] = set()
@@ -107,8 +110,8 @@ class StateWriter:
     async def insert_claimed(self, task: Task, row: TaskRow) -> TaskRow:
         """Accept and claim in one journal write (PENDING -> RUNNING folded into the
         insert); returns the stored row, another task's if its key is held elsewhere."""
-        journal = self.journal
-        assert isinstance(journal, ClaimingJournal)
+        journal = self._claiming
+        assert journal is not None
         row = _rows.claimed_row(row, self.owner, task.created_at + self.lease)
         stored = await journal.insert_claimed(row)
         if stored.id == task.id:

@@ -532,6 +532,7 @@ class JournalContract:
         they are, for the others, and never for the owner itself."""
         if not _capable(peer, LivenessJournal):
             return  # checked: it offers none of it
+        assert isinstance(peer, LivenessJournal)
         assert isinstance(journal, LivenessJournal)
         mine = await self.running(journal, OWNER, lease=1, now=time.time() - 100)
         theirs = await self.running(peer, PEER)

@@ -144,6 +144,8 @@ class SQLiteJournal(
         text = os.fspath(path)
         if not isinstance(text, str):
             raise TypeError("path must be a text path, not bytes")
+        if "\x00" in text:
+            raise ValueError(f"path must not contain NUL characters, got {text!r}")
         if text in ("", ":memory:") or text.startswith("file:"):
             raise ValueError(
                 f"path: {text!r} is not a file path; an in-memory database cannot be shared"
@@ -197,10 +199,18 @@ class SQLiteJournal(
                     wconn, rconn = self._wconn, self._rconn
                     self._wconn = self._rconn = None
                     self._commits.reset()
-                    await anyio.to_thread.run_sync(close_all, (rconn, wconn), sqlite3.Error)
+                    await anyio.to_thread.run_sync(self._close_sync, rconn, wconn)
                     self._owners.release()
         finally:
             self._closing = False
+
+    @staticmethod
+    def _close_sync(rconn: sqlite3.Connection | None, wconn: sqlite3.Connection | None) -> None:
+        """Leave the WAL empty (truncated to 0 bytes) where no other process reads it."""
+        if wconn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        close_all((rconn, wconn), sqlite3.Error)
 
     def _connect(self, *, first: bool) -> sqlite3.Connection:
         if first and not self.create:

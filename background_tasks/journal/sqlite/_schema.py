@@ -109,6 +109,10 @@ _SQL: Final = {
 _CACHE_KIB: Final = -16384
 
 
+#: Bytes the WAL keeps after a checkpoint (``journal_size_limit``).
+_WAL_LIMIT: Final = 8 * 1024 * 1024
+
+
 def prepare(
     conn: sqlite3.Connection,
     *,
@@ -121,11 +125,21 @@ def prepare(
     check_schema(
         where, _schema_version(conn, tables), tables, known=SCHEMA_VERSION, holder="the file"
     )
+    if tables:  # read all of it before the first write: a damaged file is left as it was
+        found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+        if found != ["ok"]:
+            raise JournalError(
+                f"cannot open journal {where}: the database file is corrupt"
+                f" ({'; '.join(map(str, found))})"
+            )
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise JournalError(f"cannot open journal {where}: WAL mode is not available ({mode})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
+    # The WAL shrinks back to this after each checkpoint, so that it cannot keep the
+    # space of a burst (on a small disk, a WAL that kept it filled the disk for good).
+    conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
     # A write transaction even when there is nothing to migrate: it proves now, and
     # not at the first submit, that this file can be written. Rolled back if unused.
     begin(conn)
