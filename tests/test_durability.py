@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,15 @@ pytestmark = pytest.mark.slow
 class Child:
     """One worker process; its stdout (JSON events) and stderr go to files."""
 
-    def __init__(self, tmp: Path, name: str, journal: Path, backend: str, args: list[str]):
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        journal: Path,
+        backend: str,
+        args: list[str],
+        prefix: Sequence[str] = (),
+    ):
         self.name = name
         self.backend = backend
         self.out_path = tmp / f"{name}.out"
@@ -62,7 +70,7 @@ class Child:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "durability_apps.worker",
+                    *prefix, sys.executable, "-m", "durability_apps.worker",
                     "--journal", str(journal), "--label", name, "--backend", backend,
                     *args,
                 ],
@@ -95,6 +103,12 @@ class Child:
             if time.monotonic() > deadline:
                 pytest.fail(f"{self.name}: no {kind!r} within {timeout}s:\n{self.stderr()}")
             time.sleep(0.02)
+
+    def wait_event_all(self, kind: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The first ``count`` events of ``kind``, waiting for them."""
+        wait_for(f"{count} {kind!r} from {self.name}", lambda: len(self.events(kind)) >= count,
+                 timeout)  # fmt: skip
+        return self.events(kind)[:count]
 
     async def await_event(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
         with anyio.fail_after(timeout):
@@ -139,8 +153,15 @@ Spawn = Callable[..., Child]
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     children: list[Child] = []
 
-    def start(journal: Path, *args: object, name: str, backend: str = "asyncio") -> Child:
-        child = Child(tmp_path, name, journal, backend, [str(a) for a in args])
+    def start(
+        journal: Path,
+        *args: object,
+        name: str,
+        backend: str = "asyncio",
+        prefix: Sequence[str] = (),
+    ) -> Child:
+        """A worker process; ``prefix`` runs it under another command (``faketime``)."""
+        child = Child(tmp_path, name, journal, backend, [str(a) for a in args], prefix)
         children.append(child)
         return child
 
