@@ -34,6 +34,7 @@ This module needs the ``fastapi`` extra: ``pip install "anyio-background-tasks[f
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
 # at run time, and those built inside tasks_router refer to its arguments (max_limit, ...).
+import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from datetime import datetime
@@ -125,16 +126,22 @@ class ErrorResponse(BaseModel):
 
 def _jsonable(value: Any) -> Any:
     # A manager without a journal accepts any Python value as an argument or a result;
-    # the router must still answer with JSON, so what JSON cannot hold is shown as repr().
-    return to_jsonable_python(value, fallback=repr)
+    # the router must still answer with JSON, so what JSON cannot hold is shown as repr()
+    # (bytes that are not UTF-8, a lone surrogate: the whole value, then, as its repr).
+    try:
+        found = to_jsonable_python(value, fallback=repr)
+        json.dumps(found, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError):  # UnicodeDecodeError and UnicodeEncodeError included
+        return repr(value)
+    return found
 
 
 def _to_out(record: TaskRecord, model: type[RedactedTaskRecordOut]) -> RedactedTaskRecordOut:
     data = {name: getattr(record, name, None) for name in model.model_fields}
     data["result"] = _jsonable(record.result)
     if "args" in data:
-        data["args"] = _jsonable(list(record.args))
-        data["kwargs"] = _jsonable(dict(record.kwargs))
+        data["args"] = [_jsonable(a) for a in record.args]
+        data["kwargs"] = {str(_jsonable(k)): _jsonable(v) for k, v in record.kwargs.items()}
     return model.model_validate(data)
 
 

@@ -204,6 +204,14 @@ async def test_values_json_cannot_hold_are_shown_as_repr(manager: BackgroundTask
         nan = await manager.submit(tasks["quick"], math.nan)
         await nan
         assert (await client.get(f"/tasks/{nan.id}")).status_code == 200
+        for odd in (b"\xff\xfe", "a\udc80b"):  # not UTF-8; a lone surrogate
+            handle = await manager.submit(tasks["quick"], odd)
+            await handle
+            response = await client.get(f"/tasks/{handle.id}")
+            assert response.status_code == 200
+            assert response.json()["args"] == [repr(odd)]
+            listed = await client.get("/tasks")
+            assert listed.status_code == 200
 
 
 async def test_wait_returns_when_the_task_finishes(manager: BackgroundTaskManager) -> None:
