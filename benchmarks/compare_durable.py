@@ -40,6 +40,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -69,6 +70,7 @@ def _unlink_db(path: str) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
+    shutil.rmtree(path + "-owners", ignore_errors=True)  # the owners' lock files
 
 
 def _journal(path: str | None, sync: str | None) -> Any:
@@ -448,10 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             after = recover(path, "FULL", recover_n, trace=True)
             mem["FULL after recovery"] = after["bytes_per_pending"]
             _unlink_db(path)
-    finally:
-        for leftover in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, leftover))
-        os.rmdir(workdir)
+    finally:  # files, and the journals' owner-lock directories (tasks.db-owners/)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     # ---------------------------------------------------------------- tables
     med = {name: _med(v, "rate") for name, v in tp.items()}
