@@ -44,7 +44,8 @@ class _Subject(Protocol):
 def transition(
     task: _Subject, source: TaskStatus, target: TaskStatus, info: ErrorInfo | None
 ) -> None:
-    """The one structlog event of a transition (failures at WARNING, with their error)."""
+    """The one structlog event of a transition (failures at WARNING, with their error and,
+    where the attempt ran here, its traceback)."""
     fields = {"from": source.value, "to": target.value}
     if info is None:
         log.debug(
@@ -58,5 +59,6 @@ def transition(
     else:
         log.warning(
             "task_transition", task_id=task.id, name=task.name, queue=task.queue,
-            attempt=task.attempts, error=info.message, error_type=info.type, **fields,
+            attempt=task.attempts, error=info.message, error_type=info.type,
+            traceback=info.traceback, **fields,
         )  # fmt: skip

@@ -51,6 +51,7 @@ class JournalSync:
         "run_tasks",
         "suspects",
         "table",
+        "unregistered",
         "writer",
     )
 
@@ -79,6 +80,8 @@ class JournalSync:
         self.leases: dict[str, tuple[float, float]] = {}
         #: rows the journal reported orphaned: our monotonic time first reported
         self.suspects: dict[str, float] = {}
+        #: names of journaled tasks seen that this manager does not register (logged once)
+        self.unregistered: set[str] = set()
 
     def take(self, row: TaskRow) -> Task | None:
         """Hold and queue a runnable row here; None if this process does not run it (its
@@ -86,8 +89,15 @@ class JournalSync:
         if row.id in self.table.tasks or not self.run_tasks:
             return None
         registered = self.registry.tasks.get(row.name)
-        if registered is None:
-            return None  # another process may run it
+        if registered is None:  # another process may run it; say so once per name
+            if row.name not in self.unregistered:
+                self.unregistered.add(row.name)
+                log.warning(
+                    "task_name_not_registered", task_id=row.id, name=row.name,
+                    reason="no task of this name is registered in this manager: it waits"
+                    " for a manager that registers it (renamed in a deploy?)",
+                )  # fmt: skip
+            return None
         base = registered.options_["retry"] or self.default_retry
         task = self.writer.adopt(row, registered.name, registered.fn, base)
         self.dispatch.enqueue(task, row.scheduled_at)

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import structlog
 
-from background_tasks import BackgroundTaskManager, RetryPolicy, TaskFailed
+from background_tasks import BackgroundTaskManager, RetryPolicy, SQLiteJournal, TaskFailed
 
 Logs = list[MutableMapping[str, Any]]
 
@@ -120,7 +121,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 WORKLOAD = """
     import anyio
-    from background_tasks import BackgroundTaskManager, RetryPolicy, TaskFailed
+    from background_tasks import BackgroundTaskManager, RetryPolicy, SQLiteJournal, TaskFailed
 
     async def ok() -> int:
         return 1
@@ -239,3 +240,40 @@ async def test_no_events_when_the_level_is_above_warning() -> None:
     finally:
         logger.setLevel(old)
     assert transitions(logs) == []
+
+
+@pytest.mark.anyio
+async def test_a_failure_event_carries_its_traceback(default_level_events: Logs) -> None:
+    async def broken() -> None:
+        raise ValueError("no luck")
+
+    async with BackgroundTaskManager() as manager:
+        with pytest.raises(TaskFailed):
+            await (await manager.submit(broken))
+    [failed] = [e for e in transitions(default_level_events) if e["to"] == "failed"]
+    assert failed["error_type"] == "ValueError"
+    assert "Traceback" in failed["traceback"]
+    assert 'raise ValueError("no luck")' in failed["traceback"]
+
+
+@pytest.mark.anyio
+async def test_a_journaled_task_no_manager_registers_is_not_silent(
+    default_level_events: Logs, tmp_path: Path
+) -> None:
+    """After a rename in a deploy, the old name's pending tasks wait for a manager that
+    registers it: the manager says so (once per name), at WARNING."""
+    path = tmp_path / "t.db"
+    old = BackgroundTaskManager(journal=SQLiteJournal(path))
+
+    @old.task(name="old_name")
+    async def job() -> None:
+        pass
+
+    async with old:
+        for _ in range(3):
+            await job.options(delay=3600).submit()
+    async with BackgroundTaskManager(journal=SQLiteJournal(path)) as new:
+        assert len(await new.list(status="pending")) == 3
+    events = [e for e in default_level_events if e["event"] == "task_name_not_registered"]
+    assert [e["name"] for e in events] == ["old_name"]
+    assert events[0]["log_level"] == "warning"
