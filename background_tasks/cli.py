@@ -38,7 +38,7 @@ from ._extras import DISTRIBUTION, missing_extra
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from ._writer import cancel_row, requeue_row
-from .journal._protocol import Journal, TaskRow
+from .journal._protocol import InspectableJournal, Journal, TaskRow
 from .journal._rows import record
 from .journal.sqlite import SQLiteJournal
 
@@ -302,15 +302,60 @@ def _sqlite_journal(path: Path, **options: Any) -> SQLiteJournal:
     return SQLiteJournal(path, **options)
 
 
+def _is_postgres(path: str) -> bool:
+    """A PostgreSQL connection string (URI or libpq key=value) rather than a file path."""
+    return path.startswith(("postgresql://", "postgres://")) or (
+        "=" in path and any(k in path for k in ("host=", "dbname=", "user="))
+    )
+
+
+def _postgres_journal(dsn: str, schema: str) -> InspectableJournal:
+    """An existing PostgreSQL journal (its tables in ``schema``); never creates one."""
+    try:
+        import psycopg
+
+        from .journal.postgres import PostgresJournal
+    except ImportError as exc:
+        raise CliError(str(missing_extra("bgtasks on PostgreSQL", "postgres", exc))) from None
+    try:
+        journal = PostgresJournal(dsn, schema=schema)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            found = conn.execute("SELECT to_regclass(%s)", (f'"{journal.schema}".tasks',))
+            exists = found.fetchone()
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # no DSN in it
+        raise CliError(f"cannot open journal {journal.where}: {reason}") from None
+    if exists is None or exists[0] is None:
+        raise CliError(f"no journal in {journal.where} (only a manager creates one)")
+    return journal
+
+
+def _where(journal: Journal) -> str:
+    """The journal as messages name it: a file's path, a database without its password."""
+    if isinstance(journal, SQLiteJournal):
+        return journal.path
+    return str(getattr(journal, "where", "the journal"))  # PostgresJournal.where: redacted
+
+
 @asynccontextmanager
-async def open_journal(path: str) -> AsyncIterator[SQLiteJournal]:
-    """An existing journal, opened for reading and conditional writes; never creates one."""
-    where = anyio.Path(path)
-    if not await where.exists():
-        raise CliError(f"no journal at {path} (only 'bgtasks demo' creates one)")
-    if not await where.is_file():
-        raise CliError(f"{path} is not a journal file")
-    journal = _sqlite_journal(Path(path), create=False)
+async def open_journal(
+    path: str, schema: str = "background_tasks"
+) -> AsyncIterator[InspectableJournal]:
+    """An existing journal, opened for reading and conditional writes; never creates one:
+    a SQLite file, or a PostgreSQL database given by its connection string."""
+    journal: InspectableJournal
+    if _is_postgres(path):
+        journal = await anyio.to_thread.run_sync(_postgres_journal, path, schema)
+    else:
+        where = anyio.Path(path)
+        if not await where.exists():
+            raise CliError(f"no journal at {path} (only 'bgtasks demo' creates one)")
+        if not await where.is_file():
+            raise CliError(f"{path} is not a journal file")
+        journal = _sqlite_journal(Path(path), create=False)
     await journal.open(_owner())
     try:
         yield journal
@@ -338,7 +383,7 @@ async def _get(journal: Journal, task_id: str, path: str) -> TaskRow:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with open_journal(args.journal) as journal:
+    async with open_journal(args.journal, args.schema) as journal:
         rows = await journal.list(
             status=args.status, queue=args.queue, name=args.name, limit=args.limit
         )
@@ -379,8 +424,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with open_journal(args.journal) as journal:
-        row = await _get(journal, args.id, args.journal)
+    async with open_journal(args.journal, args.schema) as journal:
+        row = await _get(journal, args.id, _where(journal))
         history = await journal.history(args.id)
     if args.json:
         data = _record_json(row)
@@ -474,7 +519,7 @@ def _lease(lease_until: float, now: float) -> str:
 
 async def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
-    async with open_journal(args.journal) as journal:
+    async with open_journal(args.journal, args.schema) as journal:
         counts = await journal.counts()
         per_queue = await journal.counts_by_queue()
         oldest = await journal.oldest(TaskStatus.PENDING)
@@ -486,7 +531,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         done = await journal.finished_since(now - window)
     console = _console()
     total = sum(counts.values())
-    console.print(f"[bold]journal[/bold] {escape(args.journal)}: {total} tasks")
+    console.print(f"[bold]journal[/bold] {escape(_where(journal))}: {total} tasks")
     if total == 0:
         return EXIT_OK
 
@@ -554,10 +599,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with open_journal(args.journal) as journal:
-        await _get(journal, args.id, args.journal)
+    async with open_journal(args.journal, args.schema) as journal:
+        await _get(journal, args.id, _where(journal))
         done = await cancel_row(journal, _owner(), args.id)
-        row = await _get(journal, args.id, args.journal)
+        row = await _get(journal, args.id, _where(journal))
     if not done:
         raise CliError(f"task {args.id} is already {row.status.value}; nothing to cancel")
     if row.status is TaskStatus.RUNNING:
@@ -578,9 +623,9 @@ async def cmd_requeue(args: argparse.Namespace) -> int:
     if args.id is not None and (args.queue is not None or args.name is not None):
         raise CliError("--queue and --name select tasks with --status, not with an id")
     owner = _owner()
-    async with open_journal(args.journal) as journal:
+    async with open_journal(args.journal, args.schema) as journal:
         if args.id is not None:
-            await _get(journal, args.id, args.journal)
+            await _get(journal, args.id, _where(journal))
             row = await requeue_row(journal, owner, args.id)
             print(
                 f"requeued task {row.id} ({row.name}): pending, with {row.max_attempts} "
@@ -603,7 +648,7 @@ async def cmd_requeue(args: argparse.Namespace) -> int:
 
 async def cmd_purge(args: argparse.Namespace) -> int:
     cutoff = time.time() - args.older_than
-    async with open_journal(args.journal) as journal:
+    async with open_journal(args.journal, args.schema) as journal:
         purged = await journal.purge(cutoff)
     print(f"purged {purged} finished task{'s' * (purged != 1)} that finished before {_iso(cutoff)}")
     return EXIT_OK
@@ -723,7 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "-j",
                 required=True,
                 metavar="PATH",
-                help="the SQLite journal file (must exist)",
+                help="the SQLite journal file (must exist), or a PostgreSQL connection"
+                " string (postgresql://...)",
+            )
+            sub.add_argument(
+                "--schema",
+                default="background_tasks",
+                help="the PostgreSQL journal's schema (default: %(default)s)",
             )
         return sub
 

@@ -695,3 +695,49 @@ async def test_two_managers_drain_one_backlog_running_each_task_once(
             assert targets == [P, R, C]
     finally:
         await check.close()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_reads_a_postgresql_journal(pg_dsn: str, fresh_schema: str) -> None:
+    """``bgtasks status/list/show --journal postgresql://...`` against a real server; a
+    database without a journal is refused in one line, and nothing is created."""
+    import json as _json
+
+    from background_tasks import BackgroundTaskManager
+
+    dsn, schema = pg_dsn, fresh_schema
+
+    async def fill() -> str:
+        manager = BackgroundTaskManager(journal=PostgresJournal(dsn, schema=schema))
+
+        @manager.task(name="cli_pg")
+        async def job(n: int) -> int:
+            return n * 2
+
+        async with manager:
+            handle = await job.submit(21)
+            assert await handle == 42
+            return handle.id
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "background_tasks", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    task_id = anyio.run(fill)
+    status = run("status", "--journal", dsn, "--schema", schema)
+    assert status.returncode == 0, status.stderr
+    assert "completed" in status.stdout
+    listed = run("list", "--journal", dsn, "--schema", schema, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert task_id in {r["id"] for r in _json.loads(listed.stdout)}
+    shown = run("show", task_id, "--journal", dsn, "--schema", schema, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert _json.loads(shown.stdout)["result"] == 42
+    refused = run("status", "--journal", dsn, "--schema", schema + "_none")
+    assert refused.returncode != 0
+    assert "no journal in" in refused.stderr
+    assert "Traceback" not in refused.stderr
