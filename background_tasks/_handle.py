@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
+from ._codec import codec_of
 from ._errors import JournalError, ManagerNotRunning, TaskCancelled, TaskFailed, TaskNotFound
 from ._models import ErrorInfo
 from ._states import TaskStatus
@@ -96,7 +97,12 @@ class Outcomes:
             if row.status.is_terminal:
                 rec = _rows.record(row)
                 exc = task.exc if task is not None else None
-                return result_of(task_id, rec.status, rec.result, rec.error, exc)
+                value = rec.result
+                registered = self.manager.registry.tasks.get(row.name)
+                codec = None if registered is None else codec_of(registered.fn, row.name)
+                if codec is not None and value is not None:
+                    value = codec.decode_result(value)  # as the task annotates it
+                return result_of(task_id, rec.status, value, rec.error, exc)
             await event.wait()
             task = None
 

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .._codec import codec_of
 from .._errors import SerializationError
 from .._events import log
 from .._models import ErrorInfo, Progress, TaskRecord, dumps, loads, utc
@@ -79,8 +80,13 @@ def _options_json(timeout: float | None, retry: RetryPolicy | None) -> str:
 
 
 def new_row(task: Task) -> TaskRow:
-    """The PENDING row of a task being submitted."""
-    args, kwargs = task.args, task.kwargs
+    """The PENDING row of a task being submitted (its arguments encoded as the task
+    annotates them, where it does: ``_codec``)."""
+    args: Any = task.args
+    kwargs: Any = task.kwargs
+    codec = codec_of(task.fn, task.name)
+    if codec is not None:
+        args, kwargs = codec.encode_args(args, kwargs)
     return TaskRow(
         id=task.id,
         name=task.name,
@@ -144,6 +150,9 @@ def change(
     else:
         fields = {"finished_at": now, "lease_until": None}
         if target is COMPLETED:
+            codec = codec_of(task.fn, task.name) if result is not None else None
+            if codec is not None:
+                result = codec.encode_result(result)
             fields["result_json"] = dumps(result, "the result of task %s (%s)", task.id, task.name)
         elif target is FAILED:
             fields["error_json"] = _error_json(info)
@@ -267,12 +276,17 @@ def task_from_row(
     """The in-memory task of a journaled row, for a process that runs it (a restart, or
     a manager picking up another's work); ``name`` is the registered, shared string."""
     timeout, retry = _restore_options(row.options_json, base_retry)
+    args: tuple[Any, ...] = tuple(json.loads(row.args_json)) if row.args_json != "[]" else ()
+    kwargs: dict[str, Any] | None = json.loads(row.kwargs_json) if row.kwargs_json != "{}" else None
+    codec = codec_of(fn, name)
+    if codec is not None:
+        args, kwargs = codec.decode_args(list(args), kwargs or {})
     task = Task(
         row.id,
         name,
         fn,
-        tuple(json.loads(row.args_json)) if row.args_json != "[]" else (),
-        json.loads(row.kwargs_json) if row.kwargs_json != "{}" else None,
+        args,
+        kwargs,
         sys.intern(row.queue),
         row.priority,
         row.key,
