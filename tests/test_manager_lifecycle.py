@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
@@ -15,6 +16,7 @@ from background_tasks import (
     BackgroundTaskManager,
     ManagerNotRunning,
     RetryPolicy,
+    SQLiteJournal,
     TaskCancelled,
     TaskHandle,
     current_task,
@@ -453,3 +455,26 @@ async def test_cancelling_the_scope_around_the_manager_is_a_graceful_shutdown(
     else:
         assert done == []
         assert record.status is X
+
+
+async def test_repr_says_what_the_manager_is_doing(tmp_path: Path) -> None:
+    manager = BackgroundTaskManager(max_concurrency=3)
+    assert repr(manager) == (
+        "<BackgroundTaskManager new journal=memory max_concurrency=3 running=0 waiting=0>"
+    )
+    gate = anyio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    async with manager:
+        running = await manager.submit(wait)
+        await manager.submit(wait, delay=60)
+        await wait_status(manager, running.id, R)
+        text = repr(manager)
+        assert text.startswith("<BackgroundTaskManager running journal=memory")
+        assert text.endswith("running=1 waiting=1>")
+        gate.set()
+    assert repr(manager).startswith("<BackgroundTaskManager closed")
+    journaled = BackgroundTaskManager(journal=SQLiteJournal(tmp_path / "t.db"))
+    assert f"journal=<SQLiteJournal {str(tmp_path / 't.db')!r} closed>" in repr(journaled)
