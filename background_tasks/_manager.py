@@ -15,7 +15,6 @@ import enum
 import math
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -25,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
+from ._clock import Clock, system_clock
 from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
 from ._handle import Outcomes, TaskHandle
@@ -102,6 +102,7 @@ class BackgroundTaskManager:
         max_recoveries: int = 5,
         poll_interval: float = 0.2,
         run_tasks: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
         if queues is not None:
@@ -147,6 +148,11 @@ class BackgroundTaskManager:
                 "(for example `bgtasks worker`) that share it"
             )
         self.run_tasks = run_tasks
+        if clock is not None and not isinstance(clock, Clock):
+            raise ValueError(f"clock must be a Clock (time, monotonic, ...), got {clock!r}")
+        #: every time the manager measures comes from here (``background_tasks._clock``)
+        self.clock: Clock = system_clock if clock is None else clock
+        self._now = self.clock.time
 
         self.registry = TaskRegistry()
         self.registry.bind(self)
@@ -154,8 +160,10 @@ class BackgroundTaskManager:
         # The parts, each given what it needs (see the module docstring).
         self._table = TaskTable(self.keep_finished, journal is not None)
         self._queue = ReadyQueue(self.queues or {})
-        self._dispatch = Dispatch(self._queue)
-        self._writer = StateWriter(self._table, self._queue, journal, self.owner, max_recoveries)
+        self._dispatch = Dispatch(self._queue, self.clock)
+        self._writer = StateWriter(
+            self._table, self._queue, journal, self.owner, max_recoveries, self.clock
+        )
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
             None
@@ -451,7 +459,7 @@ class BackgroundTaskManager:
         if self.max_pending is not None and counts[PENDING] + counts[RETRYING] >= self.max_pending:
             raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
 
-        now = time.time()
+        now = self._now()
         task = Task(
             new_id(),
             registered.name
@@ -537,14 +545,14 @@ class BackgroundTaskManager:
         delay = 0.05
         while True:
             try:
-                await journal.renew(self.owner, time.time() + journal.lease_timeout)
+                await journal.renew(self.owner, self._now() + journal.lease_timeout)
                 row = await journal.get(task.id)
                 break
             except JournalError as exc:
                 if not self._live or self._writer.giving_up:
                     log.warning("task_adopt_failed", task_id=task.id, error=str(exc))
                     return
-                await anyio.sleep(delay)
+                await self.clock.sleep(delay)
                 delay = min(delay * 2, 1.0)
         if row is None or task.id in self._table.tasks or not self._live:
             return
@@ -642,7 +650,7 @@ class BackgroundTaskManager:
         if task is None or task.remote:
             if self.journal is None or not self._live:
                 return False
-            done = await cancel_row(self.journal, self.owner, task_id)
+            done = await cancel_row(self.journal, self.owner, task_id, self.clock)
             self._table.wake(task_id)
             return done
         if task.status.is_terminal:
@@ -666,7 +674,7 @@ class BackgroundTaskManager:
         if task is None or task.remote:
             if self.journal is None:
                 raise TaskNotFound(task_id)
-            row = await requeue_row(self.journal, self.owner, task_id)
+            row = await requeue_row(self.journal, self.owner, task_id, self.clock)
             if self._sync is not None:
                 self._sync.take(row)
             return _rows.record(row)
@@ -687,7 +695,7 @@ class BackgroundTaskManager:
             raise ValueError(
                 f"older_than must be seconds >= 0 or a timedelta, got {older_than!r}"
             ) from None
-        cutoff = time.time() - age
+        cutoff = self._now() - age
         if self.journal is not None and self._live:
             return await self.journal.purge(cutoff)
         return self._table.purge(cutoff)

@@ -1,6 +1,7 @@
-"""The journal watcher: recovery on start, then the service loop of a journaled manager
-(the lease heartbeat, the takeover of dead owners' tasks, and the changes other managers
-sharing the journal make).
+"""The journal watcher: recovery on start, then the service loops of a journaled manager:
+the lease heartbeat and the takeover of dead owners' tasks (both on the manager's clock),
+and the changes other managers sharing the journal make (polled in real time: how soon
+this process sees what others wrote is I/O, not a time anything is due).
 
 It changes no status itself: takeovers go through the state writer, and a row another
 manager moved on makes the task held here ``lose`` it.
@@ -8,7 +9,6 @@ manager moved on makes the task held here ``lose`` it.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -19,6 +19,8 @@ from ._states import TaskStatus
 from .journal._protocol import Journal, NotifyingJournal, TaskRow
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from ._queue import Dispatch
     from ._registry import TaskRegistry
     from ._retry import RetryPolicy
@@ -83,7 +85,7 @@ class JournalSync:
     async def take_over_expired(self) -> None:
         """RUNNING rows whose lease ended: each taken over by the writer, and run here
         if it goes back to PENDING."""
-        now = time.time()
+        now = self.writer.now()
         for row in await self.journal.expired(now):
             taken = await self.writer.take_over(row, now)
             if taken is not None:
@@ -97,32 +99,51 @@ class JournalSync:
             self.take(row)
 
     async def serve(self) -> None:
-        """Heartbeat (every lease/3), takeover (every lease/2), and others' changes."""
+        """The heartbeat (every lease/3), the takeover (every lease/2), and others' changes."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._every, self.renew, self.journal.lease_timeout / 3, True)
+            tg.start_soon(self._every, self.take_over_expired, self.journal.lease_timeout / 2)
+            await self._watch()
+
+    async def renew(self) -> None:
+        """Extend the lease of every task this manager runs (the heartbeat)."""
+        await self.journal.renew(self.writer.owner, self.writer.now() + self.journal.lease_timeout)
+
+    async def _every(
+        self, step: Callable[[], Awaitable[None]], interval: float, first: bool = False
+    ) -> None:
+        """``step`` every ``interval`` seconds of the clock (a failed one again after
+        ``poll_interval``). ``first``: on a test clock's jump, before the other loops."""
+        clock = self.writer.clock
+        alarm = clock.alarm(first=first)
+        try:
+            while True:
+                start = clock.monotonic()
+                try:
+                    await step()
+                    wait = interval
+                except BackgroundTasksError as exc:
+                    log.error("journal_error", error=str(exc))
+                    wait = min(interval, self.poll_interval)
+                await alarm.wait(start + wait)
+        finally:
+            alarm.close()
+
+    async def _watch(self) -> None:
+        """What other managers wrote: polled every ``poll_interval`` (real time), or woken
+        by a journal that pushes changes (PostgreSQL's LISTEN/NOTIFY)."""
         journal = self.journal
         owner = self.writer.owner
-        lease = journal.lease_timeout
-        next_renew = next_reclaim = anyio.current_time()
-        # A journal that can push changes (PostgreSQL's LISTEN/NOTIFY) wakes this loop
-        # early; the others are polled every poll_interval.
         notifying = journal if isinstance(journal, NotifyingJournal) else None
         while True:
             try:
-                now = anyio.current_time()
-                if now >= next_renew:
-                    next_renew = now + lease / 3
-                    await journal.renew(owner, time.time() + lease)
-                if now >= next_reclaim:
-                    next_reclaim = now + lease / 2
-                    await self.take_over_expired()
                 rows, self.cursor = await journal.changes(self.cursor, owner)
                 for row in rows:
                     self.seen(row)
                 if notifying is None:
                     await anyio.sleep(self.poll_interval)
                 else:  # at most 1 s, so a cancel from elsewhere still lands within a second
-                    now = anyio.current_time()
-                    timeout = max(0.01, min(1.0, next_renew - now, next_reclaim - now))
-                    await notifying.wait_for_changes(timeout)
+                    await notifying.wait_for_changes(1.0)
             except BackgroundTasksError as exc:
                 log.error("journal_error", error=str(exc))
                 await anyio.sleep(self.poll_interval)
