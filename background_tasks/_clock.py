@@ -15,10 +15,14 @@ And three ways to wait on it:
   deadline; with the system clock this is just ``scope.deadline = deadline``, so an
   attempt costs no extra object or task.
 * ``await sleep(seconds)``: a one-off wait (a retry's back-off).
-* ``alarm()``: what a loop sleeps on between rounds (the dispatch timer, the heartbeat,
-  periodic schedules): ``await alarm.wait(deadline)`` until the monotonic ``deadline``
-  or until ``alarm.wake()``. A test clock knows the manager has reacted to a new time
-  when every alarm it rang is waited on again.
+* ``alarm(phase)``: what a loop sleeps on between rounds (the dispatch timer, the
+  heartbeat, periodic schedules): ``await alarm.wait(deadline)`` until the monotonic
+  ``deadline`` or until ``alarm.wake()``. A test clock knows the manager has reacted to
+  a new time when every alarm it rang is waited on again. The phase orders the loops
+  when a test clock jumps: ``HEARTBEAT`` loops (lease renewals) react first, then
+  ``UPKEEP`` (the takeover of expired leases), then ``WORK`` (everything due: delayed
+  tasks, retries, periodic ticks). A live manager thus renews its leases before anyone
+  looks for expired ones, and an auto-jumping clock jumps only to ``WORK`` moments.
 
 ``SystemClock`` is the default: ``time.time`` and the event loop's clock (what anyio's
 deadlines use). ``background_tasks.testing.FakeClock`` is the test clock.
@@ -37,7 +41,10 @@ from typing import Protocol, runtime_checkable
 import anyio
 import anyio.abc
 
-__all__ = ["Alarm", "Clock", "SystemClock", "due", "system_clock"]
+__all__ = ["HEARTBEAT", "UPKEEP", "WORK", "Alarm", "Clock", "SystemClock", "due", "system_clock"]
+
+#: The phases of ``Clock.alarm``: on a test clock's jump, lower phases react first.
+HEARTBEAT, UPKEEP, WORK = 0, 1, 2
 
 
 class Alarm(Protocol):
@@ -72,10 +79,9 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` on this clock."""
 
-    def alarm(self, *, first: bool = False) -> Alarm:
-        """A new alarm for one loop. ``first``: when a test clock jumps, this loop
-        reacts to the new time before the others (the lease heartbeat: a live manager
-        renews its leases before anyone looks for expired ones)."""
+    def alarm(self, phase: int = WORK) -> Alarm:
+        """A new alarm for one loop; ``phase`` orders the loops on a test clock's jump
+        (``HEARTBEAT``, ``UPKEEP``, ``WORK``: see the module docstring)."""
 
 
 class _SystemAlarm:
@@ -130,7 +136,7 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
 
-    def alarm(self, *, first: bool = False) -> Alarm:
+    def alarm(self, phase: int = WORK) -> Alarm:
         return _SystemAlarm()
 
 

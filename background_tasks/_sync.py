@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ._clock import HEARTBEAT, UPKEEP
 from ._errors import BackgroundTasksError
 from ._events import log
 from ._states import TaskStatus
@@ -101,8 +102,9 @@ class JournalSync:
     async def serve(self) -> None:
         """The heartbeat (every lease/3), the takeover (every lease/2), and others' changes."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._every, self.renew, self.journal.lease_timeout / 3, True)
-            tg.start_soon(self._every, self.take_over_expired, self.journal.lease_timeout / 2)
+            lease = self.journal.lease_timeout
+            tg.start_soon(self._every, self.renew, lease / 3, HEARTBEAT)
+            tg.start_soon(self._every, self.take_over_expired, lease / 2, UPKEEP)
             await self._watch()
 
     async def renew(self) -> None:
@@ -110,12 +112,12 @@ class JournalSync:
         await self.journal.renew(self.writer.owner, self.writer.now() + self.journal.lease_timeout)
 
     async def _every(
-        self, step: Callable[[], Awaitable[None]], interval: float, first: bool = False
+        self, step: Callable[[], Awaitable[None]], interval: float, phase: int
     ) -> None:
         """``step`` every ``interval`` seconds of the clock (a failed one again after
-        ``poll_interval``). ``first``: on a test clock's jump, before the other loops."""
+        ``poll_interval``); ``phase`` orders it on a test clock's jump (``_clock``)."""
         clock = self.writer.clock
-        alarm = clock.alarm(first=first)
+        alarm = clock.alarm(phase)
         try:
             while True:
                 start = clock.monotonic()
