@@ -153,6 +153,8 @@ class JournalSync:
     def seen(self, row: TaskRow) -> None:
         """React to a row another manager wrote (or a takeover this one wrote)."""
         table = self.table
+        if row.status.is_terminal and table.elsewhere:
+            table.finished_elsewhere(row.id)
         task = table.tasks.get(row.id)
         if task is not None and task.busy:
             return  # our own write for it is in flight; its outcome decides
