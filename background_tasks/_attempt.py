@@ -1,5 +1,6 @@
 """Run one attempt of a task: its coroutine, under the worker's cancel scope with the
-attempt's deadline.
+attempt's deadline (set through the manager's clock: with the system clock it is the
+scope's own deadline; a test clock cancels the scope when its time passes it).
 
 It changes no task state; it only says how the attempt ended, so the worker can decide
 (retry, fail, record) and the state writer can apply the transition. The scope belongs to the
@@ -42,7 +43,8 @@ async def run_attempt(
     assert fn is not None
     timeout = task.timeout
     if timeout is not None:
-        scope.deadline = anyio.current_time() + timeout
+        clock = writer.clock
+        clock.cancel_at(scope, clock.monotonic() + timeout)
     task.scope = scope
     token = _current.set((task, writer))
     try:
@@ -62,7 +64,7 @@ async def run_attempt(
         task.scope = None
         _current.reset(token)
         if timeout is not None:
-            scope.deadline = math.inf
+            writer.clock.cancel_at(scope, math.inf)
 
 
 def _cancel_requested(exc: BaseException) -> bool:

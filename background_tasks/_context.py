@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,7 @@ class TaskContext:
             fraction = float(fraction)
         if message is not None and not isinstance(message, str):
             raise TypeError(f"progress message must be a str, got {message!r}")
-        self._task.progress = (fraction, message, time.time())
+        self._task.progress = (fraction, message, self._writer.now())
         await self._writer.progress(self._task)
 
 

@@ -399,7 +399,7 @@ async def run(journal: Journal, path: Path, total: int, *, seed: int, console: C
                 scope.cancel()
                 return
 
-    began = time.time()
+    began = manager.clock.time()
     async with manager:
         live = Live(
             Group(progress, _Board(manager)),
@@ -426,7 +426,7 @@ async def run(journal: Journal, path: Path, total: int, *, seed: int, console: C
             )
             return 130 if interrupted else 1
         records = {r.id: r for r in await manager.list(limit=total + 10)}
-    ended = time.time()
+    ended = manager.clock.time()
     _summary(console, tracked, records, began, ended, path)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Generator
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -25,6 +26,14 @@ __all__ = ["Outcomes", "TaskHandle", "result_of"]
 
 T = TypeVar("T")
 RUNNING = TaskStatus.RUNNING
+
+OTHER_LOOP = (
+    "this manager runs on another event loop than this caller: it was started in one "
+    "event loop and is awaited from another, where its tasks never run. With "
+    "pytest-asyncio, a manager fixture of a wider scope (module, session) needs the tests "
+    'that use it in the same loop: @pytest.mark.asyncio(loop_scope="module") (see '
+    "docs/testing.md)"
+)
 
 
 async def _done(value: T) -> T:
@@ -52,7 +61,7 @@ class Outcomes:
     """Waits for tasks to finish: held here (their own event, made only when someone
     waits) or elsewhere on the journal (woken by the journal watcher)."""
 
-    __slots__ = ("event_cls", "journal", "live", "manager", "table")
+    __slots__ = ("event_cls", "journal", "live", "loop", "manager", "table")
 
     def __init__(
         self, manager: BackgroundTaskManager, table: TaskTable, journal: Journal | None
@@ -62,6 +71,13 @@ class Outcomes:
         self.journal = journal
         self.live = False  # started and not yet closed: tasks still finish here
         self.event_cls: Callable[[], anyio.Event] = anyio.Event
+        self.loop: asyncio.AbstractEventLoop | None = None  # the manager's, on asyncio
+
+    def check_loop(self) -> None:
+        """Refuse to wait from another event loop than the manager's (it would hang)."""
+        loop = self.loop
+        if loop is not None and asyncio.get_running_loop() is not loop:
+            raise RuntimeError(OTHER_LOOP)
 
     async def wait(self, task_id: str, task: Task | None) -> Any:
         """The result of a task, waiting for it; the body of ``await handle``."""
@@ -76,6 +92,7 @@ class Outcomes:
                     raise ManagerNotRunning(f"the manager stopped before task {task_id} finished")
                 event = task.waiters
                 if event is None:
+                    self.check_loop()
                     event = task.waiters = self.event_cls()
                 await event.wait()
                 continue
@@ -85,6 +102,7 @@ class Outcomes:
                 raise ManagerNotRunning(
                     f"the manager is not running; cannot wait for task {task_id}"
                 )
+            self.check_loop()
             event = table.watch(task_id)
             try:
                 row = await self.journal.get(task_id)

@@ -10,14 +10,14 @@ journal watcher (``_sync``). Awaiting a handle goes through ``_handle.Outcomes``
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import enum
 import math
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import timedelta
 from inspect import CO_COROUTINE
 from types import TracebackType
@@ -25,6 +25,8 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
+from ._clock import Clock, system_clock
+from ._context import _current
 from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
 from ._handle import Outcomes, TaskHandle
@@ -69,6 +71,65 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
+class _Host:
+    """Where the manager's task group lives. On asyncio, in a task of its own, started
+    on enter and told to stop and awaited on exit, so that ``async with manager`` may be
+    entered in one task and exited in another (pytest-asyncio runs an async fixture's
+    setup and teardown in different tasks). On trio, in the caller's task: the structured
+    rules stay. Either way the workers are the group's children as before; only where
+    the group is entered differs."""
+
+    __slots__ = ("_done", "_error", "_task", "tg")
+
+    def __init__(self) -> None:
+        self.tg: anyio.abc.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done: anyio.Event | None = None
+        self._error: BaseException | None = None
+
+    async def open(self) -> anyio.abc.TaskGroup:
+        self._error = None
+        if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+            tg = self.tg = anyio.create_task_group()
+            await tg.__aenter__()
+            return tg
+        started, self._done = anyio.Event(), anyio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(started))
+        with anyio.CancelScope(shield=True):  # once started, close() is what stops it
+            await started.wait()
+        assert self.tg is not None
+        return self.tg
+
+    async def _run(self, started: anyio.Event) -> None:
+        assert self._done is not None
+        try:
+            async with anyio.create_task_group() as tg:
+                self.tg = tg
+                started.set()
+                await anyio.sleep_forever()
+        except Exception as exc:  # a child's crash: raised where the manager is exited
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def close(self) -> None:
+        """Cancel what is left in the group and wait for it to end."""
+        tg = self.tg
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        try:
+            if self._task is None:
+                await tg.__aexit__(None, None, None)
+                return
+            assert self._done is not None
+            with anyio.CancelScope(shield=True):
+                await self._done.wait()
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.tg = self._task = self._done = self._error = None
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -102,6 +163,7 @@ class BackgroundTaskManager:
         max_recoveries: int = 5,
         poll_interval: float = 0.2,
         run_tasks: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
         if queues is not None:
@@ -147,6 +209,11 @@ class BackgroundTaskManager:
                 "(for example `bgtasks worker`) that share it"
             )
         self.run_tasks = run_tasks
+        if clock is not None and not isinstance(clock, Clock):
+            raise ValueError(f"clock must be a Clock (time, monotonic, ...), got {clock!r}")
+        #: every time the manager measures comes from here (``background_tasks._clock``)
+        self.clock: Clock = system_clock if clock is None else clock
+        self._now = self.clock.time
 
         self.registry = TaskRegistry()
         self.registry.bind(self)
@@ -154,8 +221,10 @@ class BackgroundTaskManager:
         # The parts, each given what it needs (see the module docstring).
         self._table = TaskTable(self.keep_finished, journal is not None)
         self._queue = ReadyQueue(self.queues or {})
-        self._dispatch = Dispatch(self._queue)
-        self._writer = StateWriter(self._table, self._queue, journal, self.owner, max_recoveries)
+        self._dispatch = Dispatch(self._queue, self.clock)
+        self._writer = StateWriter(
+            self._table, self._queue, journal, self.owner, max_recoveries, self.clock
+        )
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
             None
@@ -172,7 +241,12 @@ class BackgroundTaskManager:
             )
         )
         self._phase = _Phase.NEW
+        self._host = _Host()
         self._tg: anyio.abc.TaskGroup | None = None
+        #: the event loop it runs on (asyncio), to refuse a caller on another one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: set when a journaled manager stopped with unfinished tasks (join() says so)
+        self._left_unfinished = 0
         self._workers_left = 0
         self._workers_started = 0  # workers started since __aenter__
         self._workers_done: anyio.Event | None = None
@@ -255,9 +329,16 @@ class BackgroundTaskManager:
         journal, sync = self.journal, self._sync
         if journal is not None:
             await journal.open(self.owner)
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
+        try:
+            tg = await self._host.open()
+        except BaseException:
+            if journal is not None:
+                await journal.close()
+            raise
         self._tg = tg
+        on_asyncio = anyio.get_cancelled_exc_class() is asyncio.CancelledError
+        self._loop = self._outcomes.loop = asyncio.get_running_loop() if on_asyncio else None
+        self._left_unfinished = 0
         self._writer.spawn = tg.start_soon
         self._outcomes.live = True
         try:
@@ -266,8 +347,7 @@ class BackgroundTaskManager:
                 tg.start_soon(sync.serve)
         except BaseException:
             self._outcomes.live = False
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+            await self._host.close()
             await journal.close()  # type: ignore[union-attr]
             raise
         self._workers_done = anyio.Event()
@@ -284,6 +364,9 @@ class BackgroundTaskManager:
         else:  # submit and watch only: the journal's other managers run the tasks
             self._workers_left = 0
             self._workers_done.set()
+        drive = getattr(self.clock, "drive", None)  # a test clock's own task (autojump)
+        if drive is not None:
+            tg.start_soon(drive, self._quiet)
         self._phase = _Phase.RUNNING
         return self
 
@@ -300,8 +383,6 @@ class BackgroundTaskManager:
         if self._phase is not _Phase.RUNNING:
             return
         self._phase = _Phase.CLOSING
-        tg = self._tg
-        assert tg is not None
         assert self._workers_done is not None
         writer, dispatch = self._writer, self._dispatch
         try:
@@ -320,20 +401,83 @@ class BackgroundTaskManager:
                     self._queue.release(task.queue)
                     if task.status is RUNNING and not task.remote:
                         await writer.interrupt(task)
+                if self.journal is not None:  # what stays in the journal for the next start
+                    self._left_unfinished = self._table.unfinished()
                 await writer.drop_waiting()
         finally:
-            tg.cancel_scope.cancel()
             try:
-                await tg.__aexit__(None, None, None)
+                await self._host.close()
             finally:
                 self._tg = None
                 self._writer.spawn = None
                 self._phase = _Phase.CLOSED
                 self._outcomes.live = False
                 self._table.wake_all()
+                self._table.wake_joiners()
                 if self.journal is not None:
                     with anyio.CancelScope(shield=True):
                         await self.journal.close()
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until every task this manager accepted or recovered has finished,
+        delayed and retrying ones too, and those submitted meanwhile.
+
+        ``timeout`` (real seconds, whatever the manager's clock) raises ``TimeoutError``
+        past it. Raises ``ManagerNotRunning`` if the manager stops, or has stopped, with
+        tasks unfinished (with a journal they stay there for the next start), and
+        ``RuntimeError`` when called from inside one of its tasks (it would wait for
+        itself).
+        """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or math.isnan(timeout)
+            or timeout < 0
+        ):
+            raise ValueError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+        context = _current.get(None)
+        if context is not None and context[1] is self._writer:
+            raise RuntimeError("join() was called from inside a task of the same manager")
+        with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+            await self._join()
+
+    async def _join(self) -> None:
+        table = self._table
+        while True:
+            left = table.unfinished()
+            if not left:
+                if self._left_unfinished and not self.running:
+                    raise ManagerNotRunning(
+                        f"the manager stopped with {self._left_unfinished} tasks unfinished;"
+                        " they stay in the journal for its next start"
+                    )
+                return
+            if not self._live:
+                raise ManagerNotRunning(f"the manager is not running; {left} tasks are unfinished")
+            self._outcomes.check_loop()
+            event = table.joined
+            if event is None:
+                event = table.joined = anyio.Event()
+            if not table.elsewhere:
+                await event.wait()
+                continue
+            # Tasks held by other managers finish as the journal watcher sees; look at
+            # their rows now and then too, in case it saw them before they were ours to
+            # wait for.
+            with anyio.move_on_after(1.0):
+                await event.wait()
+            await self._look_elsewhere()
+
+    async def _look_elsewhere(self) -> None:
+        journal, table = self.journal, self._table
+        assert journal is not None
+        for task_id in list(table.elsewhere):
+            try:
+                row = await journal.get(task_id)
+            except JournalError:
+                return  # look again later
+            if row is None or row.status.is_terminal or task_id in table.tasks:
+                table.finished_elsewhere(task_id)
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -347,6 +491,13 @@ class BackgroundTaskManager:
             state.background_tasks_manager = self
         async with self:
             yield
+
+    def _quiet(self) -> bool:
+        """Nothing of this manager runs or is about to start (what a test clock's
+        autojump asks before it jumps)."""
+        return (
+            not self._table.running and not self._dispatch.claimed and not self._queue.has_ready()
+        )
 
     async def _worker(self) -> None:
         self._workers_started += 1
@@ -451,7 +602,7 @@ class BackgroundTaskManager:
         if self.max_pending is not None and counts[PENDING] + counts[RETRYING] >= self.max_pending:
             raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
 
-        now = time.time()
+        now = self._now()
         task = Task(
             new_id(),
             registered.name
@@ -487,6 +638,7 @@ class BackgroundTaskManager:
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self._outcomes, stored.id, table.tasks.get(stored.id))
             if self._phase is not _Phase.RUNNING or not self.run_tasks:
+                table.elsewhere.add(task.id)  # join() waits for it wherever it runs
                 return TaskHandle(self._outcomes, task.id, None)  # on disk; runs elsewhere/later
         self._writer.submitted(task)
         if wait > 0:
@@ -537,14 +689,16 @@ class BackgroundTaskManager:
         delay = 0.05
         while True:
             try:
-                await journal.renew(self.owner, time.time() + journal.lease_timeout)
+                await journal.renew(
+                    self.owner, self._now() + journal.lease_timeout, self._writer.unknown
+                )
                 row = await journal.get(task.id)
                 break
             except JournalError as exc:
                 if not self._live or self._writer.giving_up:
                     log.warning("task_adopt_failed", task_id=task.id, error=str(exc))
                     return
-                await anyio.sleep(delay)
+                await self.clock.sleep(delay)
                 delay = min(delay * 2, 1.0)
         if row is None or task.id in self._table.tasks or not self._live:
             return
@@ -642,7 +796,7 @@ class BackgroundTaskManager:
         if task is None or task.remote:
             if self.journal is None or not self._live:
                 return False
-            done = await cancel_row(self.journal, self.owner, task_id)
+            done = await cancel_row(self.journal, self.owner, task_id, self.clock)
             self._table.wake(task_id)
             return done
         if task.status.is_terminal:
@@ -666,7 +820,7 @@ class BackgroundTaskManager:
         if task is None or task.remote:
             if self.journal is None:
                 raise TaskNotFound(task_id)
-            row = await requeue_row(self.journal, self.owner, task_id)
+            row = await requeue_row(self.journal, self.owner, task_id, self.clock)
             if self._sync is not None:
                 self._sync.take(row)
             return _rows.record(row)
@@ -687,7 +841,7 @@ class BackgroundTaskManager:
             raise ValueError(
                 f"older_than must be seconds >= 0 or a timedelta, got {older_than!r}"
             ) from None
-        cutoff = time.time() - age
+        cutoff = self._now() - age
         if self.journal is not None and self._live:
             return await self.journal.purge(cutoff)
         return self._table.purge(cutoff)

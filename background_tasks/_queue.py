@@ -15,14 +15,14 @@ import bisect
 import heapq
 import itertools
 import math
-import time
 from collections import deque
 from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
-
-import anyio
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._task import Task
+
+if TYPE_CHECKING:
+    from ._clock import Alarm, Clock
 
 __all__ = ["Dispatch", "ReadyQueue", "Wakeup"]
 
@@ -84,6 +84,10 @@ class ReadyQueue:
         heapq.heappush(self._delayed, (due, seq, task))
         self.size += 1
         return self._delayed[0][1] == seq
+
+    def has_ready(self) -> bool:
+        """Whether a task is ready to run now (delayed ones are not)."""
+        return any(lane.front() is not None for lane in self._lanes.values())
 
     def discard(self, task: Task) -> None:
         if task.seq >= 0:
@@ -162,16 +166,18 @@ class Wakeup(Protocol):
 
 class Dispatch:
     """Hands ready work to the worker pool: the ready queue, the idle workers (each waits
-    on its own ``Wakeup``), tasks claimed as they were submitted, and the timer."""
+    on its own ``Wakeup``), tasks claimed as they were submitted, and the timer (on the
+    manager's clock)."""
 
-    __slots__ = ("_timer_wake", "claimed", "idle", "ready", "stopping")
+    __slots__ = ("_alarm", "claimed", "clock", "idle", "ready", "stopping")
 
-    def __init__(self, ready: ReadyQueue) -> None:
+    def __init__(self, ready: ReadyQueue, clock: Clock) -> None:
         self.ready = ready
+        self.clock = clock
         self.idle: list[Wakeup] = []  # idle workers, most recent last
         self.claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
         self.stopping = False  # set at shutdown: workers take no new work
-        self._timer_wake: anyio.Event | None = None
+        self._alarm: Alarm | None = None  # the timer's, while it runs
 
     def reset(self) -> None:
         self.stopping = False
@@ -194,12 +200,13 @@ class Dispatch:
             self.idle.pop().set()
 
     def enqueue(self, task: Task, scheduled_at: float) -> None:
-        """A task not to start before epoch time ``scheduled_at``."""
-        wait = scheduled_at - time.time()
+        """A task not to start before epoch time ``scheduled_at`` (on the clock)."""
+        clock = self.clock
+        wait = scheduled_at - clock.time()
         if wait <= 0:
             self.push(task)
-        elif self.ready.push_delayed(task, anyio.current_time() + wait) and self._timer_wake:
-            self._timer_wake.set()
+        elif self.ready.push_delayed(task, clock.monotonic() + wait) and self._alarm is not None:
+            self._alarm.wake()
 
     def hand_claimed(self, task: Task) -> None:
         """A task claimed as it was submitted, for the worker reserved for it."""
@@ -207,13 +214,15 @@ class Dispatch:
 
     async def timer(self) -> None:
         """Move delayed tasks (delays, retry backoff) to the ready lanes when they are due."""
-        queue = self.ready
-        while True:
-            now = anyio.current_time()
-            moved = queue.promote(now)
-            if moved:
-                self.wake(moved)
-            due = queue.next_due()
-            wake = self._timer_wake = anyio.Event()
-            with anyio.move_on_after(math.inf if due is None else due - now):
-                await wake.wait()
+        queue, clock = self.ready, self.clock
+        alarm = self._alarm = clock.alarm()
+        try:
+            while True:
+                moved = queue.promote(clock.monotonic())
+                if moved:
+                    self.wake(moved)
+                due = queue.next_due()
+                await alarm.wait(math.inf if due is None else due)
+        finally:
+            self._alarm = None
+            alarm.close()

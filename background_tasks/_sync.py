@@ -1,6 +1,7 @@
-"""The journal watcher: recovery on start, then the service loop of a journaled manager
-(the lease heartbeat, the takeover of dead owners' tasks, and the changes other managers
-sharing the journal make).
+"""The journal watcher: recovery on start, then the service loops of a journaled manager:
+the lease heartbeat and the takeover of dead owners' tasks (both on the manager's clock),
+and the changes other managers sharing the journal make (polled in real time: how soon
+this process sees what others wrote is I/O, not a time anything is due).
 
 It changes no status itself: takeovers go through the state writer, and a row another
 manager moved on makes the task held here ``lose`` it.
@@ -9,17 +10,19 @@ manager moved on makes the task held here ``lose`` it.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 import anyio
 
+from ._clock import HEARTBEAT, UPKEEP
 from ._errors import BackgroundTasksError
 from ._events import log
 from ._states import TaskStatus
 from .journal._protocol import Journal, LivenessJournal, NotifyingJournal, TaskRow
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from ._queue import Dispatch
     from ._registry import TaskRegistry
     from ._retry import RetryPolicy
@@ -115,7 +118,7 @@ class JournalSync:
         Never this manager's own rows: it is alive (their lease ran out while the
         journal was away), and it finishes what it holds.
         """
-        now = anyio.current_time()
+        now = self.writer.clock.monotonic()
         owner = self.writer.owner
         lease = self.journal.lease_timeout
         watched, self.leases = self.leases, {}
@@ -136,7 +139,7 @@ class JournalSync:
         journal = self._liveness
         if journal is None:
             return
-        now = anyio.current_time()
+        now = self.writer.clock.monotonic()
         owner = self.writer.owner
         suspects, self.suspects = self.suspects, {}
         for row in await journal.orphaned():
@@ -163,37 +166,57 @@ class JournalSync:
             self.take(row)
 
     async def serve(self) -> None:
-        """Heartbeat (every lease/3), takeover (every lease/2), and others' changes."""
+        """The heartbeat (every lease/3), the takeover of dead owners' tasks (every 0.5 s)
+        and of expired leases (every lease/2), and others' changes."""
+        async with anyio.create_task_group() as tg:
+            lease = self.journal.lease_timeout
+            tg.start_soon(self._every, self.renew, lease / 3, HEARTBEAT)
+            tg.start_soon(self._every, self.take_over_orphaned, _ORPHANS_EVERY, UPKEEP)
+            tg.start_soon(self._every, self.take_over_expired, lease / 2, UPKEEP)
+            await self._watch()
+
+    async def renew(self) -> None:
+        """Extend the lease of every task this manager runs (the heartbeat), but those
+        whose state is unknown after a failed write: their lease runs out."""
+        writer = self.writer
+        lease_until = writer.now() + self.journal.lease_timeout
+        await self.journal.renew(writer.owner, lease_until, writer.unknown)
+
+    async def _every(
+        self, step: Callable[[], Awaitable[None]], interval: float, phase: int
+    ) -> None:
+        """``step`` every ``interval`` seconds of the clock (a failed one again after
+        ``poll_interval``); ``phase`` orders it on a test clock's jump (``_clock``)."""
+        clock = self.writer.clock
+        alarm = clock.alarm(phase)
+        try:
+            while True:
+                start = clock.monotonic()
+                try:
+                    await step()
+                    wait = interval
+                except BackgroundTasksError as exc:
+                    log.error("journal_error", error=str(exc))
+                    wait = min(interval, self.poll_interval)
+                await alarm.wait(start + wait)
+        finally:
+            alarm.close()
+
+    async def _watch(self) -> None:
+        """What other managers wrote: polled every ``poll_interval`` (real time), or woken
+        by a journal that pushes changes (PostgreSQL's LISTEN/NOTIFY)."""
         journal = self.journal
         owner = self.writer.owner
-        lease = journal.lease_timeout
-        next_renew = next_reclaim = next_orphans = anyio.current_time()
-        # A journal that can push changes (PostgreSQL's LISTEN/NOTIFY) wakes this loop
-        # early; the others are polled every poll_interval.
         notifying = journal if isinstance(journal, NotifyingJournal) else None
         while True:
             try:
-                now = anyio.current_time()
-                if now >= next_renew:
-                    next_renew = now + lease / 3
-                    await journal.renew(owner, time.time() + lease, self.writer.unknown)
-                if now >= next_orphans:
-                    next_orphans = now + _ORPHANS_EVERY
-                    await self.take_over_orphaned()
-                if now >= next_reclaim:
-                    next_reclaim = now + lease / 2
-                    await self.take_over_expired()
                 rows, self.cursor = await journal.changes(self.cursor, owner)
                 for row in rows:
                     self.seen(row)
                 if notifying is None:
                     await anyio.sleep(self.poll_interval)
                 else:  # at most 1 s, so a cancel from elsewhere still lands within a second
-                    now = anyio.current_time()
-                    timeout = max(
-                        0.01, min(1.0, next_renew - now, next_reclaim - now, next_orphans - now)
-                    )
-                    await notifying.wait_for_changes(timeout)
+                    await notifying.wait_for_changes(1.0)
             except BackgroundTasksError as exc:
                 log.error("journal_error", error=str(exc))
                 await anyio.sleep(self.poll_interval)
@@ -201,6 +224,8 @@ class JournalSync:
     def seen(self, row: TaskRow) -> None:
         """React to a row another manager wrote (or a takeover this one wrote)."""
         table = self.table
+        if row.status.is_terminal and table.elsewhere:
+            table.finished_elsewhere(row.id)
         task = table.tasks.get(row.id)
         if task is not None and task.busy:
             return  # our own write for it is in flight; its outcome decides

@@ -1,5 +1,7 @@
 """The task table: every task this process holds, by id and by idempotency key, its
-counts by status, the finished tasks kept for queries, and who waits on tasks by id.
+counts by status, the finished tasks kept for queries, who waits on tasks by id, and
+who waits for all of them (``join``: an event made only when someone joins, set when
+nothing is left unfinished).
 
 Only the state writer (``_writer``) and the journal watcher (``_sync``) change it, and
 only through these methods; the manager's queries read it.
@@ -51,7 +53,18 @@ class TaskTable:
     tasks stay for ``get``/``list``.
     """
 
-    __slots__ = ("counts", "finished", "journaled", "keep", "keys", "running", "tasks", "watchers")
+    __slots__ = (
+        "counts",
+        "elsewhere",
+        "finished",
+        "joined",
+        "journaled",
+        "keep",
+        "keys",
+        "running",
+        "tasks",
+        "watchers",
+    )
 
     def __init__(self, keep: int, journaled: bool) -> None:
         self.tasks: dict[str, Task] = {}
@@ -61,6 +74,11 @@ class TaskTable:
         self.running: set[Task] = set()  # attempts this process runs right now
         #: awaiters of tasks by id that this process does not hold (they run elsewhere)
         self.watchers: dict[str, anyio.Event] = {}
+        #: ids of tasks accepted here that another manager on the journal holds now (this
+        #: one runs no tasks, or lost them to another): ``join`` waits for them too
+        self.elsewhere: set[str] = set()
+        #: set when nothing is left unfinished; made only while someone joins
+        self.joined: anyio.Event | None = None
         self.keep = keep
         self.journaled = journaled
 
@@ -77,6 +95,8 @@ class TaskTable:
             del self.keys[task.key]
         if self.watchers:
             self.wake(task.id)
+        if self.joined is not None:
+            self.check_joined()
         if self.journaled:
             self.tasks.pop(task.id, None)  # the journal keeps it; handles keep their own
             return
@@ -103,6 +123,8 @@ class TaskTable:
         if task.waiters is not None:  # awaiters look again (the journal, or stopped)
             task.waiters.set()
             task.waiters = None
+        if self.joined is not None:
+            self.check_joined()
 
     def lose(self, task: Task) -> None:
         """Another manager changed this task first: it is no longer ours to run or finish."""
@@ -112,7 +134,38 @@ class TaskTable:
                 attempt=task.attempts, reason="the task was reclaimed by another owner",
             )  # fmt: skip
         task.remote = True
+        self.elsewhere.add(task.id)  # it was ours: join() waits for it wherever it runs
         self.forget(task)  # awaiters switch to watching the journal
+
+    # ---------------------------------------------------------------- join
+
+    def unfinished(self) -> int:
+        """Tasks held here that are not finished, and those accepted here held elsewhere."""
+        counts = self.counts
+        return (
+            counts[TaskStatus.PENDING]
+            + counts[TaskStatus.RUNNING]
+            + counts[TaskStatus.RETRYING]
+            + len(self.elsewhere)
+        )
+
+    def check_joined(self) -> None:
+        """Wake the joiners if nothing is left unfinished."""
+        if self.joined is not None and not self.unfinished():
+            self.joined.set()
+            self.joined = None
+
+    def wake_joiners(self) -> None:
+        """Wake the joiners to look again (the manager stopped)."""
+        if self.joined is not None:
+            self.joined.set()
+            self.joined = None
+
+    def finished_elsewhere(self, task_id: str) -> None:
+        """A task accepted here and held elsewhere has finished (or is gone)."""
+        if task_id in self.elsewhere:
+            self.elsewhere.discard(task_id)
+            self.check_joined()
 
     def watch(self, task_id: str) -> anyio.Event:
         """An event set when the task with this id (held elsewhere) may have finished."""

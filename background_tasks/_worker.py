@@ -10,7 +10,6 @@ writer (every status change).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -130,8 +129,9 @@ def _end(dispatch: Dispatch, writer: StateWriter, task: Task, ended: Ended, valu
         writer.complete(task, value)
         return
     writer.table.running.discard(task)
-    target, result, error, retry_at = decide(task, ended, value)
-    writer.commit(task, target, time.time(), result, error, retry_at)
+    now = writer.now()
+    target, result, error, retry_at = decide(task, ended, value, now)
+    writer.commit(task, target, now, result, error, retry_at)
     if target is RETRYING:
         dispatch.enqueue(task, retry_at)
 
@@ -175,7 +175,7 @@ async def _record(
     if ended is Ended.CANCELLED and not task.cancel_requested:
         await writer.interrupt(task)  # shutdown: not a failure
         return
-    target, result, error, retry_at = decide(task, ended, value)
+    target, result, error, retry_at = decide(task, ended, value, writer.now())
     try:
         again = await writer.finish(task, target, result=result, error=error, retry_at=retry_at)
     except SerializationError as exc:  # a result the journal cannot hold: fail, no retry
@@ -185,9 +185,10 @@ async def _record(
 
 
 def decide(
-    task: Task, ended: Ended, value: Any
+    task: Task, ended: Ended, value: Any, now: float
 ) -> tuple[TaskStatus, Any, BaseException | None, float]:
-    """How an attempt's end maps to the next status: (target, result, error, retry_at)."""
+    """How an attempt's end maps to the next status: (target, result, error, retry_at),
+    a retry being due its backoff after epoch time ``now``."""
     if task.cancel_requested or ended is Ended.CANCELLED:
         return CANCELLED, None, None, 0.0
     if ended is Ended.OK:
@@ -197,4 +198,4 @@ def decide(
     delay = retry.decide(value, task.attempts - task.recoveries) if retry is not None else None
     if delay is None:
         return FAILED, None, value, 0.0
-    return RETRYING, None, value, time.time() + delay
+    return RETRYING, None, value, now + delay

@@ -16,13 +16,11 @@ leave a task exactly as ``commit`` does.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
+from ._clock import Clock, system_clock
 from ._errors import (
     InvalidTransition,
     JournalError,
@@ -58,10 +56,12 @@ class StateWriter:
         "_apply_soon",
         "_claiming",
         "claims_on_insert",
+        "clock",
         "giving_up",
         "journal",
         "lease",
         "max_recoveries",
+        "now",
         "owner",
         "queue",
         "spawn",
@@ -76,12 +76,16 @@ class StateWriter:
         journal: Journal | None,
         owner: str,
         max_recoveries: int,
+        clock: Clock = system_clock,
     ) -> None:
         self.table = table
         self.queue = queue
         self.journal = journal
         self.owner = owner
         self.max_recoveries = max_recoveries
+        #: the manager's one clock; ``now`` is its ``time``, bound once for the hot path
+        self.clock = clock
+        self.now = clock.time
         self.lease = journal.lease_timeout if journal is not None else 0.0
         #: completions that do not wait for their commit, where the journal can
         self._apply_soon = journal.apply_soon if isinstance(journal, BatchingJournal) else None
@@ -153,7 +157,7 @@ class StateWriter:
         task.interrupted = False
         task.attempts += 1
         if task.started_at is None:
-            task.started_at = time.time()
+            task.started_at = self.now()
         self.table.running.add(task)
         if is_enabled(DEBUG):
             transition(task, source, RUNNING, None)
@@ -169,7 +173,7 @@ class StateWriter:
         counts[RUNNING] -= 1
         counts[COMPLETED] += 1
         task.status = COMPLETED
-        task.finished_at = time.time()
+        task.finished_at = self.now()
         task.result = result
         table.settle(task)
         if task.waiters is not None:
@@ -248,7 +252,7 @@ class StateWriter:
         there first; the task is then theirs and is dropped from this one.
         """
         check_transition(task.status, target)
-        now = time.time()
+        now = self.now()
         journal = self.journal
         info = None if error is None else ErrorInfo.from_exception(error)
         if journal is not None:
@@ -292,7 +296,7 @@ class StateWriter:
                     )  # fmt: skip
                 if self.giving_up:
                     raise failure
-                await anyio.sleep(delay)
+                await self.clock.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 try:
                     row = await journal.get(task_id)
@@ -361,7 +365,7 @@ class StateWriter:
         apply_soon = self._apply_soon
         if apply_soon is None:
             return False
-        now = time.time()
+        now = self.now()
         try:
             change = _rows.change(task, COMPLETED, now, result, None, 0.0, self.owner, 0.0)
         except SerializationError:
@@ -452,7 +456,7 @@ class StateWriter:
         """A RUNNING row whose owner is gone (dead, or its lease not renewed in time)."""
         assert self.journal is not None
         return await take_over(
-            self.journal, self.owner, row, time.time(), self.max_recoveries, lease_before
+            self.journal, self.owner, row, self.clock.time(), self.max_recoveries, lease_before
         )
 
 
@@ -513,7 +517,9 @@ async def take_over(
     )
 
 
-async def cancel_row(journal: Journal, owner: str, task_id: str) -> bool:
+async def cancel_row(
+    journal: Journal, owner: str, task_id: str, clock: Clock = system_clock
+) -> bool:
     """Cancel a task through the journal alone: pending ones at once, running ones by
     asking their owner (who sees the request within a poll interval)."""
     for _ in range(20):
@@ -524,7 +530,7 @@ async def cancel_row(journal: Journal, owner: str, task_id: str) -> bool:
             if await journal.request_cancel(task_id) is not None:
                 return True
             continue
-        now = time.time()
+        now = clock.time()
         fields = {"finished_at": now, "owner": None, "lease_until": None}
         change = _row_change(row, CANCELLED, fields, owner, now)
         if await journal.apply(change):
@@ -533,7 +539,9 @@ async def cancel_row(journal: Journal, owner: str, task_id: str) -> bool:
     return False
 
 
-async def requeue_row(journal: Journal, owner: str, task_id: str) -> TaskRow:
+async def requeue_row(
+    journal: Journal, owner: str, task_id: str, clock: Clock = system_clock
+) -> TaskRow:
     """Requeue a FAILED or CANCELLED task through the journal alone."""
     for _ in range(20):
         row = await journal.get(task_id)
@@ -544,7 +552,7 @@ async def requeue_row(journal: Journal, owner: str, task_id: str) -> TaskRow:
                 "only failed or cancelled tasks can be requeued; "
                 f"task {task_id} is {row.status.value}"
             )
-        now = time.time()
+        now = clock.time()
         change = _row_change(row, PENDING, _rows.requeue_fields(now), owner, now)
         if await journal.apply(change):
             _row_transition(row, change)

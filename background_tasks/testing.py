@@ -38,6 +38,7 @@ import anyio.lowlevel
 import pytest
 
 from ._errors import InvalidTransition
+from ._fakeclock import FakeClock
 from ._states import TaskStatus
 from .journal._protocol import (
     BatchingJournal,
@@ -51,8 +52,8 @@ from .journal._protocol import (
 )
 
 __all__ = [
-    "OWNER", "PEER", "JournalContract", "applied", "claim", "finish", "make_row", "opened",
-    "takeover",
+    "OWNER", "PEER", "FakeClock",
+    "JournalContract", "applied", "claim", "finish", "make_row", "opened", "takeover",
 ]  # fmt: skip
 
 OWNER = "owner-a"
