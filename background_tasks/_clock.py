@@ -36,12 +36,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
 
-__all__ = ["HEARTBEAT", "UPKEEP", "WORK", "Alarm", "Clock", "SystemClock", "due", "system_clock"]
+__all__ = [
+    "HEARTBEAT",
+    "UPKEEP",
+    "WORK",
+    "Alarm",
+    "Clock",
+    "JournalClock",
+    "SystemClock",
+    "due",
+    "system_clock",
+]
 
 #: The phases of ``Clock.alarm``: on a test clock's jump, lower phases react first.
 HEARTBEAT, UPKEEP, WORK = 0, 1, 2
@@ -149,3 +160,41 @@ def due(clock: Clock, at: float) -> float:
     if at == math.inf:
         return math.inf
     return clock.monotonic() + (at - clock.time())
+
+
+class JournalClock:
+    """The system clock set to a journal's own clock (PostgreSQL's server clock): epoch
+    seconds are the server's, measured as an offset from this host's clock at start and
+    at every heartbeat, so that managers whose wall clocks disagree still agree on when
+    a task is due and on the times in records. Waits stay on this host's monotonic
+    clock."""
+
+    __slots__ = ("_base", "offset")
+
+    def __init__(self, base: SystemClock) -> None:
+        self._base = base
+        self.offset = 0.0  # the journal's clock minus this host's
+
+    def __repr__(self) -> str:
+        return f"JournalClock(offset={self.offset:+.3f}s)"
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    monotonic = staticmethod(anyio.current_time)
+
+    def cancel_at(self, scope: anyio.CancelScope, deadline: float) -> None:
+        scope.deadline = deadline
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+    def alarm(self, phase: int = WORK) -> Alarm:
+        return self._base.alarm(phase)
+
+    async def calibrate(self, read: Callable[[], Awaitable[float]]) -> None:
+        """Set the offset from one reading of the journal's clock (``read``), taken
+        between two of this host's (the round trip's midpoint)."""
+        before = time.time()
+        journal_now = await read()
+        self.offset = journal_now - (before + time.time()) / 2

@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from ._clock import Clock, system_clock
+from ._clock import Clock, JournalClock, system_clock
 from ._context import _current
 from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
@@ -50,7 +50,7 @@ from ._validate import (
 from ._worker import wakeup_class, worker_loop
 from ._writer import StateWriter, cancel_row, requeue_row
 from .journal import _rows
-from .journal._protocol import Journal, TaskRow
+from .journal._protocol import ClockedJournal, Journal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
 
@@ -213,6 +213,9 @@ class BackgroundTaskManager:
             raise ValueError(f"clock must be a Clock (time, monotonic, ...), got {clock!r}")
         #: every time the manager measures comes from here (``background_tasks._clock``)
         self.clock: Clock = system_clock if clock is None else clock
+        if clock is None and isinstance(journal, ClockedJournal):
+            # one clock for every manager on the journal: its own (PostgreSQL's)
+            self.clock = JournalClock(system_clock)
         self._now = self.clock.time
 
         self.registry = TaskRegistry()

@@ -14,11 +14,17 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._clock import HEARTBEAT, UPKEEP
+from ._clock import HEARTBEAT, UPKEEP, JournalClock
 from ._errors import BackgroundTasksError
 from ._events import log
 from ._states import TaskStatus
-from .journal._protocol import Journal, LivenessJournal, NotifyingJournal, TaskRow
+from .journal._protocol import (
+    ClockedJournal,
+    Journal,
+    LivenessJournal,
+    NotifyingJournal,
+    TaskRow,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -157,8 +163,16 @@ class JournalSync:
             self.leases.pop(row.id, None)
             self.seen(taken)
 
+    async def read_clock(self) -> None:
+        """Set a ``JournalClock`` to the journal's clock (at start, then every heartbeat)."""
+        clock, journal = self.writer.clock, self.journal
+        if isinstance(clock, JournalClock) and isinstance(journal, ClockedJournal):
+            await clock.calibrate(journal.now)
+
     async def recover(self) -> None:
-        """On start: dead owners' tasks taken over, then every runnable row queued here."""
+        """On start: the journal's clock read, dead owners' tasks taken over, then every
+        runnable row queued here."""
+        await self.read_clock()
         await self.take_over_orphaned()
         await self.take_over_expired()
         rows, self.cursor = await self.journal.runnable()
@@ -178,6 +192,7 @@ class JournalSync:
     async def renew(self) -> None:
         """Extend the lease of every task this manager runs (the heartbeat), but those
         whose state is unknown after a failed write: their lease runs out."""
+        await self.read_clock()
         writer = self.writer
         lease_until = writer.now() + self.journal.lease_timeout
         await self.journal.renew(writer.owner, lease_until, writer.unknown)

@@ -44,6 +44,7 @@ from .journal._protocol import (
     BatchingJournal,
     Change,
     ClaimingJournal,
+    ClockedJournal,
     InspectableJournal,
     Journal,
     LivenessJournal,
@@ -138,6 +139,7 @@ def takeover(row: TaskRow, owner: str, now: float) -> Change:
 #: The verb each optional capability adds (what ``isinstance`` looks for).
 _VERBS: dict[type[Any], str] = {
     ClaimingJournal: "insert_claimed",
+    ClockedJournal: "now",
     BatchingJournal: "apply_soon",
     NotifyingJournal: "wait_for_changes",
     LivenessJournal: "orphaned",
@@ -524,6 +526,18 @@ class JournalContract:
         assert got_theirs.lease_until == theirs.lease_until
         assert await journal.get(pending.id) == pending
         assert (await peer.changes(cursor, PEER))[0] == []  # a heartbeat is not a change
+
+    async def test_now_is_the_journals_own_clock(self, journal: Journal) -> None:
+        """``ClockedJournal``: epoch seconds that go forward (here, on one machine, close
+        to this process's clock)."""
+        if not _capable(journal, ClockedJournal):
+            return  # checked: it offers none of it
+        assert isinstance(journal, ClockedJournal)
+        first = await journal.now()
+        await anyio.sleep(0.01)
+        second = await journal.now()
+        assert first < second
+        assert abs(second - time.time()) < 60
 
     async def test_orphaned_lists_the_running_rows_of_a_dead_owner(
         self, journal: Journal, peer: Journal

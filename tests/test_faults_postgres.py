@@ -127,3 +127,59 @@ async def test_a_dead_owners_task_is_taken_over_within_2_s_not_after_its_lease(
     print(f"taken over {took:.2f} s after the session ended")  # for the record: pytest -s
     assert history[2] == (TaskStatus.RUNNING, TaskStatus.PENDING, heir.owner)
     assert took < 20
+
+
+@pytest.mark.parametrize("skew", ["+120s", "-120s"])
+def test_a_manager_whose_clock_is_off_starts_no_delayed_task_early(
+    server: Cluster, tmp_path: Path, skew: str
+) -> None:
+    """A worker whose wall clock is two minutes off (``faketime``) runs the tasks another
+    manager submits with ``delay=3``: it measures due times on the server's clock, so it
+    starts them after about 3 s, neither at once (+120 s) nor two minutes late (-120 s)."""
+    import glob
+    import subprocess
+    import sys
+    import time
+
+    from durability_apps.tasks import read_markers, register
+
+    preload = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    assert preload, "Debian's faketime package is needed (apt-get install faketime)"
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
+    env.update(LD_PRELOAD=preload[0], FAKETIME=skew)
+    markers = tmp_path / "markers.jsonl"
+    schema = f"skew{(skew[0] == '+' and 'ahead') or 'behind'}"
+    out = open(tmp_path / "worker.out", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "durability_apps.worker", "--journal", server.dsn,
+         "--schema", schema, "--label", "skewed", "--lease", "2", "--poll", "0.1"],
+        stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while b'"ready"' not in (tmp_path / "worker.out").read_bytes():
+            assert worker.poll() is None, (tmp_path / "worker.out").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        async def submit() -> tuple[float, str]:
+            front = BackgroundTaskManager(
+                journal=PostgresJournal(server.dsn, schema=schema), run_tasks=False
+            )
+            register(front, "front")
+            async with front:
+                started = time.monotonic()
+                handle = await front.submit("mark", str(markers), delay=3)
+                with anyio.fail_after(60):
+                    label = await handle
+                return time.monotonic() - started, label
+
+        waited, label = anyio.run(submit)
+    finally:
+        worker.send_signal(15)
+        worker.wait(30)
+        out.close()
+    assert label == "skewed"  # the skewed worker ran it
+    assert 2.5 <= waited < 30, waited  # at its delay on the server's clock, loosely
+    assert len(read_markers(markers)) == 1

@@ -29,7 +29,8 @@ from .._models import TransitionRecord
 from .._states import TaskStatus
 
 __all__ = [
-    "BatchingJournal", "Change", "ClaimingJournal", "InspectableJournal", "Journal",
+    "BatchingJournal", "Change", "ClaimingJournal", "ClockedJournal", "InspectableJournal",
+    "Journal",
     "LivenessJournal", "NotifyingJournal", "TaskRow",
 ]  # fmt: skip
 
@@ -276,3 +277,13 @@ class LivenessJournal(Journal, Protocol):
         """RUNNING rows whose owner is dead, as far as the journal can see; never this
         journal's own. The manager takes them over with ``apply`` (the row's version
         fences a late write)."""
+
+
+@runtime_checkable
+class ClockedJournal(Journal, Protocol):
+    """A journal with a clock of its own that every manager on it can read (PostgreSQL's
+    server clock): the manager then measures due times and record times on it, so that
+    managers on machines whose clocks disagree agree on when a task is due."""
+
+    async def now(self) -> float:
+        """The journal's clock, in epoch seconds."""

@@ -46,7 +46,8 @@ def emit(event: str, **fields: Any) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="durability_apps.worker")
-    p.add_argument("--journal", required=True)
+    p.add_argument("--journal", required=True, help="a SQLite file or postgresql://...")
+    p.add_argument("--schema", default="background_tasks", help="PostgreSQL only")
     p.add_argument("--label", default=f"p{os.getpid()}")
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     p.add_argument("--concurrency", type=int, default=4)
@@ -186,9 +187,16 @@ async def watch_signals(
 
 
 async def main(args: argparse.Namespace) -> None:
+    journal: Any
+    if args.journal.startswith("postgresql://"):  # the PostgreSQL fault tests
+        from background_tasks.postgres import PostgresJournal
+
+        journal = PostgresJournal(args.journal, lease_timeout=args.lease, schema=args.schema)
+    else:
+        journal = SQLiteJournal(args.journal, lease_timeout=args.lease)
     manager = BackgroundTaskManager(
         max_concurrency=args.concurrency,
-        journal=SQLiteJournal(args.journal, lease_timeout=args.lease),
+        journal=journal,
         poll_interval=args.poll,
         shutdown_timeout=args.shutdown_timeout,
         max_recoveries=args.max_recoveries,

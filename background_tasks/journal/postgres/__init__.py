@@ -93,7 +93,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..._errors import InvalidTransition, JournalError
 from .._group_commit import GroupCommit
-from .._protocol import Change, InspectableJournal, LivenessJournal, NotifyingJournal, TaskRow
+from .._protocol import (
+    Change,
+    ClockedJournal,
+    InspectableJournal,
+    LivenessJournal,
+    NotifyingJournal,
+    TaskRow,
+)
 from .._sql import (
     CLEARS_CANCEL,
     Op,
@@ -178,7 +185,9 @@ _PRESENCE: Final = 0x6267
 _SETTLE: Final = 2.0
 
 
-class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal, LivenessJournal):
+class PostgresJournal(
+    SQLJournal, NotifyingJournal, InspectableJournal, LivenessJournal, ClockedJournal
+):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
     ``dsn`` is a libpq connection string or URI (``postgresql://user:pw@host/db``);
@@ -333,6 +342,14 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal, Liveness
             finally:
                 if read_lock is not None:
                     read_lock.release()
+
+    # ------------------------------------------------------------------ the server's clock
+
+    async def now(self) -> float:
+        """The server's clock: what every manager on this database measures due times
+        and record times on, whatever its own machine's clock says."""
+        [(value,)] = await self._fetch("SELECT extract(epoch FROM clock_timestamp())::float8")
+        return float(value)
 
     # ------------------------------------------------------------------ liveness
 
