@@ -369,3 +369,20 @@ async def test_awaiting_a_journaled_task_after_the_manager_stopped(tmp_path: Pat
         await handle
     with pytest.raises(ManagerNotRunning, match="not running"):
         await manager.handle("some-other-id")
+
+
+async def test_random_bytes_in_the_middle_are_refused_before_any_write(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    """A few pages of a journal overwritten with random bytes (the schema page intact):
+    refused at open, naming the damage, and not one byte of the file written first."""
+    path = tmp_path / "tasks.db"
+    await _make_journal(path, rows=400)
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8 * 4096
+    middle = len(data) // 2 // 4096 * 4096
+    data[middle : middle + 2 * 4096] = os.urandom(2 * 4096)
+    path.write_bytes(bytes(data))
+    before = _snapshot(tmp_path)
+    await _open_fails(path, "corrupt")
+    assert _snapshot(tmp_path) == before
