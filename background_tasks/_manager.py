@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from inspect import CO_COROUTINE
@@ -27,6 +27,7 @@ import anyio
 
 from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
+from ._flow import Queue
 from ._handle import Outcomes, TaskHandle
 from ._ids import new_id
 from ._models import TaskRecord, TransitionRecord
@@ -35,7 +36,7 @@ from ._registry import RegisteredTask, TaskRegistry, is_async_callable
 from ._retry import RetryPolicy
 from ._states import TaskStatus
 from ._sync import JournalSync
-from ._table import Statistics, TaskTable
+from ._table import QueueStatistics, Statistics, TaskTable
 from ._task import Task
 from ._validate import (
     check_delay,
@@ -50,7 +51,7 @@ from ._writer import StateWriter, cancel_row, requeue_row
 from .journal import _rows
 from .journal._protocol import Journal, TaskRow
 
-__all__ = ["BackgroundTaskManager", "Statistics"]
+__all__ = ["BackgroundTaskManager", "QueueStatistics", "Statistics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -87,12 +88,17 @@ class BackgroundTaskManager:
     journal cannot notify it; ``run_tasks=False`` (journal required) makes a manager that
     only submits, queries and waits, leaving the running to other managers on the same
     journal (a web app in front of a fleet of ``bgtasks worker`` processes).
+
+    ``queues`` maps a queue name to its flow control, a ``Queue`` (or an int: its limit);
+    ``run_queues`` names the queues this manager claims and runs (default: all). Without
+    a journal a submit to a queue it does not run raises ``ValueError`` (nothing else
+    would ever run it); with one the task is stored and waits for a manager that runs it.
     """
 
     def __init__(
         self,
         max_concurrency: int = 10,
-        queues: Mapping[str, int] | None = None,
+        queues: Mapping[str, int | Queue] | None = None,
         journal: Journal | None = None,
         default_timeout: float | None = None,
         default_retry: RetryPolicy | None = None,
@@ -102,18 +108,27 @@ class BackgroundTaskManager:
         max_recoveries: int = 5,
         poll_interval: float = 0.2,
         run_tasks: bool = True,
+        run_queues: Iterable[str] | None = None,
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+        self.queues: dict[str, Queue] | None = None
         if queues is not None:
             if not isinstance(queues, Mapping):
                 raise ValueError(f"queues must be a mapping of queue name to limit, got {queues!r}")
-            for name, limit in queues.items():
+            self.queues = {}
+            for name, config in queues.items():
                 try:
                     check_text(name, "a queue name")
                 except TypeError as exc:  # bad configuration is a ValueError
                     raise ValueError(str(exc)) from None
-                _check_int(f"the limit of queue {name!r}", limit, 1)
-        self.queues: dict[str, int] | None = dict(queues) if queues is not None else None
+                if not isinstance(config, Queue):
+                    config = Queue(limit=_check_int(f"the limit of queue {name!r}", config, 1))
+                if config.shared and journal is None:
+                    raise ValueError(
+                        f"queue {name!r} is Queue(shared=True), which needs a journal: its"
+                        " figures hold across the managers sharing it"
+                    )
+                self.queues[name] = config
         if journal is not None and not isinstance(journal, Journal):
             raise ValueError(f"journal must be a journal (SQLiteJournal, ...), got {journal!r}")
         self.journal = journal
@@ -147,6 +162,7 @@ class BackgroundTaskManager:
                 "(for example `bgtasks worker`) that share it"
             )
         self.run_tasks = run_tasks
+        self._run_queues: frozenset[str] | None = None
 
         self.registry = TaskRegistry()
         self.registry.bind(self)
@@ -172,6 +188,7 @@ class BackgroundTaskManager:
             )
         )
         self._phase = _Phase.NEW
+        self.run_queues = run_queues  # the setter checks it
         self._tg: anyio.abc.TaskGroup | None = None
         self._workers_left = 0
         self._workers_started = 0  # workers started since __aenter__
@@ -187,6 +204,30 @@ class BackgroundTaskManager:
             f" max_concurrency={self.max_concurrency} running={counts[RUNNING]}"
             f" waiting={counts[PENDING] + counts[RETRYING]}>"
         )
+
+    @property
+    def run_queues(self) -> frozenset[str] | None:
+        """The queues this manager claims and runs; None: all of them."""
+        return self._run_queues
+
+    @run_queues.setter
+    def run_queues(self, names: Iterable[str] | None) -> None:
+        if self._live:
+            raise RuntimeError("run_queues can only change while the manager is not running")
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, Iterable):
+                raise ValueError(f"run_queues must be a list of queue names, got {names!r}")
+            names = list(names)
+            for name in names:
+                try:
+                    self._check_queue(name)
+                except TypeError as exc:
+                    raise ValueError(f"run_queues: {exc}") from None
+            if not names:
+                raise ValueError("run_queues must name at least one queue (or be None: all)")
+        self._run_queues = None if names is None else frozenset(names)
+        if self._sync is not None:
+            self._sync.run_queues = self._run_queues
 
     # ---------------------------------------------------------------- registration
 
@@ -317,7 +358,7 @@ class BackgroundTaskManager:
                 await self._workers_done.wait()
                 while dispatch.claimed:  # claimed at submit, never started: next start runs it
                     task = dispatch.claimed.popleft()
-                    self._queue.release(task.queue)
+                    self._queue.release(task)
                     if task.status is RUNNING and not task.remote:
                         await writer.interrupt(task)
                 await writer.drop_waiting()
@@ -375,6 +416,8 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[Any]: ...
 
     @overload
@@ -389,6 +432,8 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[R]: ...
 
     async def submit(
@@ -402,8 +447,14 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[Any]:
-        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal)."""
+        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal).
+
+        ``lock``: tasks sharing it run one at a time (in priority, then submission order;
+        with a journal, across every manager on it). ``partition``: its partition of a
+        ``Queue(per_partition=...)``."""
         if self._phase is not _Phase.RUNNING:
             raise ManagerNotRunning()
         code = getattr(fn, "__code__", None)
@@ -441,6 +492,22 @@ class BackgroundTaskManager:
             retry = defaults["retry"] or self.default_retry
         else:
             check_retry(retry, "retry")
+        if lock is not None:
+            check_text(lock, "lock")
+        if partition is not None:
+            check_text(partition, "partition")
+            config = None if self.queues is None else self.queues.get(queue)
+            if config is None or config.per_partition is None:
+                raise ValueError(
+                    f"partition={partition!r} needs a queue with per_partition: queue"
+                    f" {queue!r} is not Queue(per_partition=...)"
+                )
+        runs_here = self._run_queues is None or queue in self._run_queues
+        if not runs_here and journal is None:
+            raise ValueError(
+                f"queue {queue!r} is not in run_queues, and without a journal no other"
+                " manager could run it"
+            )
         table = self._table
         if key is not None:
             check_text(key, "key", empty=True)
@@ -468,6 +535,10 @@ class BackgroundTaskManager:
             now,
             now + wait,
         )
+        if lock is not None:
+            task.lock = lock
+        if partition is not None:
+            task.partition = partition
         dispatch = self._dispatch
         if journal is not None:
             row = _rows.new_row(task)
@@ -475,7 +546,8 @@ class BackgroundTaskManager:
                 wait <= 0
                 and dispatch.idle
                 and self._writer.claims_on_insert
-                and self._queue.take(queue)
+                and runs_here
+                and self._queue.take(task)
             ):
                 return await self._submit_claimed(task, row)
             try:
@@ -486,7 +558,7 @@ class BackgroundTaskManager:
                 raise
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self._outcomes, stored.id, table.tasks.get(stored.id))
-            if self._phase is not _Phase.RUNNING or not self.run_tasks:
+            if self._phase is not _Phase.RUNNING or not self.run_tasks or not runs_here:
                 return TaskHandle(self._outcomes, task.id, None)  # on disk; runs elsewhere/later
         self._writer.submitted(task)
         if wait > 0:
@@ -521,7 +593,7 @@ class BackgroundTaskManager:
 
     def _unreserve(self, task: Task, worker: Wakeup) -> None:
         """Give back what ``_submit_claimed`` reserved for a task it did not store."""
-        self._queue.release(task.queue)
+        self._queue.release(task)
         if self._dispatch.stopping:
             worker.set()  # shutdown already woke the idle ones: this one must see it too
         else:
@@ -549,7 +621,7 @@ class BackgroundTaskManager:
         if row is None or task.id in self._table.tasks or not self._live:
             return
         if row.status is RUNNING and row.owner == self.owner and row.version == 1:
-            self._queue.take(task.queue, force=True)  # already claimed: its worker releases it
+            self._queue.take(task, force=True)  # already claimed: its worker releases it
             self._writer.take_claimed(task)
             self._dispatch.hand_claimed(task)
             self._dispatch.wake(1)
@@ -693,4 +765,20 @@ class BackgroundTaskManager:
         return self._table.purge(cutoff)
 
     def statistics(self) -> Statistics:
-        return self._table.statistics(self._queue.size)
+        """Counts by status, and per queue (``Statistics.queues``): running here, ready,
+        waiting on a limit (its limit, rate or partition, here or journal-wide) and
+        waiting on a lock. The per-queue figures cost a pass over the queued tasks."""
+        stats = self._table.statistics(self._queue.size)
+        figures = self._queue.figures()
+        running: dict[str, int] = {}
+        for task in [*self._table.running, *self._dispatch.claimed]:
+            running[task.queue] = running.get(task.queue, 0) + 1
+        for name in sorted({*figures, *running}):
+            f = figures.get(name)
+            stats.queues[name] = QueueStatistics(
+                running=running.get(name, 0),
+                ready=0 if f is None else f.ready,
+                waiting_on_limit=0 if f is None else f.waiting_on_limit,
+                waiting_on_lock=0 if f is None else f.waiting_on_lock,
+            )
+        return stats

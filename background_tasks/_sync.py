@@ -48,6 +48,7 @@ class JournalSync:
         "leases",
         "poll_interval",
         "registry",
+        "run_queues",
         "run_tasks",
         "suspects",
         "table",
@@ -72,6 +73,8 @@ class JournalSync:
         self.registry = registry
         self.default_retry = default_retry
         self.run_tasks = run_tasks
+        #: the queues this manager runs (None: all); rows of others are left to others
+        self.run_queues: frozenset[str] | None = None
         self.poll_interval = poll_interval
         self.cursor = 0
         self._liveness = journal if isinstance(journal, LivenessJournal) else None
@@ -84,6 +87,8 @@ class JournalSync:
         """Hold and queue a runnable row here; None if this process does not run it (its
         name is not registered here, or this manager runs no tasks)."""
         if row.id in self.table.tasks or not self.run_tasks:
+            return None
+        if self.run_queues is not None and row.queue not in self.run_queues:
             return None
         registered = self.registry.tasks.get(row.name)
         if registered is None:
