@@ -172,6 +172,8 @@ class BackgroundTaskManager:
         self._queue = ReadyQueue(self.queues or {})
         self._dispatch = Dispatch(self._queue)
         self._writer = StateWriter(self._table, self._queue, journal, self.owner, max_recoveries)
+        self._writer.shared = {n: q for n, q in (self.queues or {}).items() if q.shared}
+        self._writer.park = self._dispatch.park
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
             None
@@ -542,6 +544,8 @@ class BackgroundTaskManager:
         dispatch = self._dispatch
         if journal is not None:
             row = _rows.new_row(task)
+            if self._writer.shared and queue in self._writer.shared:
+                row.shared = True
             if (
                 wait <= 0
                 and dispatch.idle

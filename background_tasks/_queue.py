@@ -424,6 +424,11 @@ class ReadyQueue:
         elif gate.held is task:
             gate.held = None
 
+    @property
+    def parked(self) -> bool:
+        """Whether a task waits after a refused claim."""
+        return bool(self._parked)
+
     def unpark_all(self) -> int:
         """Every parked task ready again now (another manager freed something); how many."""
         parked = [t for t in self._parked if t.seq >= 0]

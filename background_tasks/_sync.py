@@ -179,8 +179,12 @@ class JournalSync:
                     next_reclaim = now + lease / 2
                     await self.take_over_expired()
                 rows, self.cursor = await journal.changes(self.cursor, owner)
+                freed = False
                 for row in rows:
                     self.seen(row)
+                    freed = freed or row.status is not RUNNING
+                if freed and self.dispatch.ready.parked:
+                    self.dispatch.unpark()  # a slot, lock or partition may be free now
                 if notifying is None:
                     await anyio.sleep(self.poll_interval)
                 else:  # at most 1 s, so a cancel from elsewhere still lands within a second

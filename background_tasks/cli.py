@@ -651,6 +651,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.concurrency is not None:
         manager.max_concurrency = args.concurrency
+    if args.queue:
+        try:
+            manager.run_queues = args.queue
+        except ValueError as exc:
+            raise CliError(f"--queue: {exc}") from None
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
@@ -660,9 +665,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with manager:
             names = ", ".join(sorted(manager.registry.tasks)) or "none"
+            queues = "" if manager.run_queues is None else ", ".join(sorted(manager.run_queues))
             err.print(
                 f"worker {escape(manager.owner)}: concurrency {manager.max_concurrency}, "
-                f"tasks: {escape(names)}; stop with Ctrl-C or SIGTERM"
+                f"tasks: {escape(names)}{'; queues: ' + escape(queues) if queues else ''}; "
+                "stop with Ctrl-C or SIGTERM"
             )
             async for signum in signals:
                 running = manager.statistics().running
@@ -810,6 +817,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="override the manager's max_concurrency",
+    )
+    sub.add_argument(
+        "--queue",
+        "-q",
+        action="append",
+        metavar="NAME",
+        help="run only tasks of this queue (repeatable; default: every queue); tasks of"
+        " other queues wait for a worker that runs them",
     )
     sub.add_argument(
         "--backend",

@@ -76,6 +76,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (task_id, seq)
         )""",
     ),
+    # 1 -> 2, flow control (see the SQLite journal's migration 2).
+    (
+        "ALTER TABLE @.tasks ADD COLUMN lock text",
+        "ALTER TABLE @.tasks ADD COLUMN partition text",
+        "ALTER TABLE @.tasks ADD COLUMN shared boolean NOT NULL DEFAULT false",
+        "CREATE INDEX tasks_shared_running ON @.tasks (queue, partition)"
+        " WHERE shared AND status = 'running'",
+        "CREATE INDEX tasks_lock ON @.tasks (lock, status, priority, id) WHERE lock IS NOT NULL",
+        "CREATE TABLE @.starts (queue text NOT NULL, at double precision NOT NULL)",
+        "CREATE INDEX starts_queue_at ON @.starts (queue, at)",
+    ),
 )
 
 #: The schema version this code writes; a schema with a newer one is refused at open.

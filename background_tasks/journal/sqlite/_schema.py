@@ -68,6 +68,19 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (task_id, seq)
         ) WITHOUT ROWID""",
     ),
+    # 1 -> 2, flow control: a task's lock and partition, whether its queue's limits are
+    # journal-wide, the recent starts of rate-limited shared queues. The indexes hold
+    # only flow-controlled rows (partial), so a plain task's writes never touch them.
+    (
+        "ALTER TABLE tasks ADD COLUMN lock TEXT",
+        "ALTER TABLE tasks ADD COLUMN partition TEXT",
+        "ALTER TABLE tasks ADD COLUMN shared INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_shared_running ON tasks (queue, partition)"
+        " WHERE shared = 1 AND status = 'running'",
+        "CREATE INDEX tasks_lock ON tasks (lock, status, priority, id) WHERE lock IS NOT NULL",
+        "CREATE TABLE starts (queue TEXT NOT NULL, at REAL NOT NULL)",
+        "CREATE INDEX starts_queue_at ON starts (queue, at)",
+    ),
 )
 
 #: The schema version this code writes; a journal with a newer one is refused at open.
