@@ -477,6 +477,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     async with open_journal(args.journal) as journal:
         counts = await journal.counts()
         per_queue = await journal.counts_by_queue()
+        waiting = await journal.waiting_by_queue(now)
         oldest = await journal.oldest(TaskStatus.PENDING)
         retrying = (
             await _scan(journal, TaskStatus.RETRYING) if counts.get(TaskStatus.RETRYING) else []
@@ -498,13 +499,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for status in TaskStatus:
         table.add_column(status.value.upper(), justify="right", style=STATUS_STYLE[status])
     table.add_column("TOTAL", justify="right", style="bold")
+    # of the pending and retrying tasks that are due: waiting for a worker or a limit
+    # (a queue's limit, rate, partition), and waiting on a lock another task holds
+    table.add_column("DUE", justify="right")
+    table.add_column("ON LOCK", justify="right")
     for queue in sorted(by_queue):
         c = by_queue[queue]
-        table.add_row(escape(queue), *(str(c[s]) for s in TaskStatus), str(sum(c.values())))
+        free, locked = waiting.get(queue, (0, 0))
+        table.add_row(
+            escape(queue), *(str(c[s]) for s in TaskStatus), str(sum(c.values())),
+            str(free), str(locked),
+        )  # fmt: skip
     table.add_row(
         Text("all", style="bold"),
         *(str(counts.get(s, 0)) for s in TaskStatus),
         str(total),
+        str(sum(d for d, _ in waiting.values())),
+        str(sum(locked for _, locked in waiting.values())),
         end_section=True,
     )
     console.print(table)

@@ -305,6 +305,12 @@ class InspectableJournal(Journal, Protocol):
     async def oldest(self, status: TaskStatus) -> TaskRow | None:
         """The earliest created task in ``status`` (ids sort by creation); None if none."""
 
+    async def waiting_by_queue(self, now: float) -> dict[str, tuple[int, int]]:
+        """Per queue, its PENDING and RETRYING tasks due by ``now``: (those waiting for a
+        worker or a limit, those waiting on a lock). A task waits on a lock while a
+        RUNNING task holds it or a due task of the lock comes first (higher priority, or
+        equal and older). Only queues with such tasks are keys."""
+
 
 @runtime_checkable
 class LivenessJournal(Journal, Protocol):

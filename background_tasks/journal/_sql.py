@@ -61,6 +61,7 @@ __all__ = [
     "not_open",
     "row_values",
     "to_row",
+    "waiting_by_queue_sql",
 ]  # fmt: skip
 
 P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
@@ -335,8 +336,31 @@ class SQLJournal:
         found = await self._fetch(self._sql["oldest"], (TaskStatus(status).value,))
         return to_row(found[0]) if found else None
 
+    async def waiting_by_queue(self, now: float) -> dict[str, tuple[int, int]]:
+        """Per queue, due waiting tasks: (for a worker or a limit, on a lock). Reads
+        every waiting row, like ``counts_by_queue``."""
+        rows = await self._fetch(self._sql["waiting_by_queue"], (now, now))
+        return {queue: (int(free), int(locked)) for queue, free, locked in rows}
+
 
 # --------------------------------------------------------------------------- flow control
+
+
+def waiting_by_queue_sql(tasks: str, mark: str) -> str:
+    """``waiting_by_queue``'s statement (parameters: now, now)."""
+    waiting = "('pending', 'retrying')"
+    locked = (
+        f"t.lock IS NOT NULL AND (EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = t.lock"
+        f" AND o.status = 'running') OR EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = t.lock"
+        f" AND o.status IN {waiting} AND o.scheduled_at <= {mark}"
+        " AND (o.priority > t.priority OR (o.priority = t.priority AND o.id < t.id))))"
+    )
+    return (
+        f"SELECT queue, sum(CASE WHEN locked THEN 0 ELSE 1 END),"
+        f" sum(CASE WHEN locked THEN 1 ELSE 0 END) FROM (SELECT t.queue AS queue,"
+        f" ({locked}) AS locked FROM {tasks} t WHERE t.status IN {waiting}"
+        f" AND t.scheduled_at <= {mark}) w GROUP BY queue"
+    )
 
 
 def limit_conditions(

@@ -14,7 +14,14 @@ from typing import Any, Final
 
 import psycopg
 
-from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
+from .._sql import (
+    COLUMNS,
+    HISTORY_SELECT,
+    LIVE_SQL,
+    TERMINAL_SQL,
+    check_schema,
+    waiting_by_queue_sql,
+)
 
 __all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "prepare", "statements"]
 
@@ -148,6 +155,7 @@ def statements(s: str) -> dict[str, str]:
         "finished_since": "SELECT status, count(*) FROM @.tasks"
         f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",
         "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
+        "waiting_by_queue": waiting_by_queue_sql("@.tasks", "%s"),
     }
     insert_keyed = sql["insert"] + (
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {LIVE_SQL} DO NOTHING"

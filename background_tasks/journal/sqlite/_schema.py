@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Final
 
 from ..._errors import JournalError
-from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
+from .._sql import (
+    COLUMNS,
+    HISTORY_SELECT,
+    LIVE_SQL,
+    TERMINAL_SQL,
+    check_schema,
+    waiting_by_queue_sql,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "prepare"]
 
@@ -116,6 +123,7 @@ _SQL: Final = {
     f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {TERMINAL_SQL}"
     " GROUP BY status",
     "oldest": _SELECT + " WHERE status = ? ORDER BY id LIMIT 1",
+    "waiting_by_queue": waiting_by_queue_sql("tasks", "?"),
 }
 
 #: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
