@@ -18,8 +18,10 @@ from ._errors import TaskFailed as TaskFailed
 from ._errors import TaskInterrupted as TaskInterrupted
 from ._errors import TaskNotFound as TaskNotFound
 from ._errors import TaskTimeoutError as TaskTimeoutError
+from ._flow import Queue as Queue
 from ._handle import TaskHandle as TaskHandle
 from ._manager import BackgroundTaskManager as BackgroundTaskManager
+from ._manager import QueueStatistics as QueueStatistics
 from ._manager import Statistics as Statistics
 from ._models import ErrorInfo as ErrorInfo
 from ._models import Progress as Progress
@@ -43,7 +45,9 @@ __all__ = (
     "JournalError",
     "ManagerNotRunning",
     "Progress",
+    "Queue",
     "QueueFull",
+    "QueueStatistics",
     "RegisteredTask",
     "RetryPolicy",
     "SQLiteJournal",

@@ -16,7 +16,7 @@ import enum
 import math
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from datetime import timedelta
 from inspect import CO_COROUTINE
@@ -29,6 +29,7 @@ from ._clock import Clock, JournalClock, system_clock
 from ._context import _current
 from ._errors import InvalidTransition, JournalError, ManagerNotRunning, QueueFull, TaskNotFound
 from ._events import log
+from ._flow import Queue
 from ._handle import Outcomes, TaskHandle
 from ._ids import new_id
 from ._models import TaskRecord, TransitionRecord
@@ -37,7 +38,7 @@ from ._registry import RegisteredTask, TaskRegistry, is_async_callable
 from ._retry import RetryPolicy
 from ._states import TaskStatus
 from ._sync import JournalSync
-from ._table import Statistics, TaskTable
+from ._table import QueueStatistics, Statistics, TaskTable
 from ._task import Task
 from ._validate import (
     check_delay,
@@ -52,7 +53,7 @@ from ._writer import StateWriter, cancel_row, requeue_row
 from .journal import _rows
 from .journal._protocol import ClockedJournal, Journal, TaskRow
 
-__all__ = ["BackgroundTaskManager", "Statistics"]
+__all__ = ["BackgroundTaskManager", "QueueStatistics", "Statistics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -148,12 +149,17 @@ class BackgroundTaskManager:
     journal cannot notify it; ``run_tasks=False`` (journal required) makes a manager that
     only submits, queries and waits, leaving the running to other managers on the same
     journal (a web app in front of a fleet of ``bgtasks worker`` processes).
+
+    ``queues`` maps a queue name to its flow control, a ``Queue`` (or an int: its limit);
+    ``run_queues`` names the queues this manager claims and runs (default: all). Without
+    a journal a submit to a queue it does not run raises ``ValueError`` (nothing else
+    would ever run it); with one the task is stored and waits for a manager that runs it.
     """
 
     def __init__(
         self,
         max_concurrency: int = 10,
-        queues: Mapping[str, int] | None = None,
+        queues: Mapping[str, int | Queue] | None = None,
         journal: Journal | None = None,
         default_timeout: float | None = None,
         default_retry: RetryPolicy | None = None,
@@ -164,18 +170,27 @@ class BackgroundTaskManager:
         poll_interval: float = 0.2,
         run_tasks: bool = True,
         clock: Clock | None = None,
+        run_queues: Iterable[str] | None = None,
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+        self.queues: dict[str, Queue] | None = None
         if queues is not None:
             if not isinstance(queues, Mapping):
                 raise ValueError(f"queues must be a mapping of queue name to limit, got {queues!r}")
-            for name, limit in queues.items():
+            self.queues = {}
+            for name, config in queues.items():
                 try:
                     check_text(name, "a queue name")
                 except TypeError as exc:  # bad configuration is a ValueError
                     raise ValueError(str(exc)) from None
-                _check_int(f"the limit of queue {name!r}", limit, 1)
-        self.queues: dict[str, int] | None = dict(queues) if queues is not None else None
+                if not isinstance(config, Queue):
+                    config = Queue(limit=_check_int(f"the limit of queue {name!r}", config, 1))
+                if config.shared and journal is None:
+                    raise ValueError(
+                        f"queue {name!r} is Queue(shared=True), which needs a journal: its"
+                        " figures hold across the managers sharing it"
+                    )
+                self.queues[name] = config
         if journal is not None and not isinstance(journal, Journal):
             raise ValueError(f"journal must be a journal (SQLiteJournal, ...), got {journal!r}")
         self.journal = journal
@@ -217,17 +232,20 @@ class BackgroundTaskManager:
             # one clock for every manager on the journal: its own (PostgreSQL's)
             self.clock = JournalClock(system_clock)
         self._now = self.clock.time
+        self._run_queues: frozenset[str] | None = None
 
         self.registry = TaskRegistry()
         self.registry.bind(self)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
         # The parts, each given what it needs (see the module docstring).
         self._table = TaskTable(self.keep_finished, journal is not None)
-        self._queue = ReadyQueue(self.queues or {})
+        self._queue = ReadyQueue(self.queues or {}, self.clock.monotonic)
         self._dispatch = Dispatch(self._queue, self.clock)
         self._writer = StateWriter(
             self._table, self._queue, journal, self.owner, max_recoveries, self.clock
         )
+        self._writer.shared = {n: q for n, q in (self.queues or {}).items() if q.shared}
+        self._writer.park = self._dispatch.park
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
             None
@@ -245,6 +263,7 @@ class BackgroundTaskManager:
         )
         self._phase = _Phase.NEW
         self._host = _Host()
+        self.run_queues = run_queues  # the setter checks it
         self._tg: anyio.abc.TaskGroup | None = None
         #: the event loop it runs on (asyncio), to refuse a caller on another one
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,6 +283,30 @@ class BackgroundTaskManager:
             f" max_concurrency={self.max_concurrency} running={counts[RUNNING]}"
             f" waiting={counts[PENDING] + counts[RETRYING]}>"
         )
+
+    @property
+    def run_queues(self) -> frozenset[str] | None:
+        """The queues this manager claims and runs; None: all of them."""
+        return self._run_queues
+
+    @run_queues.setter
+    def run_queues(self, names: Iterable[str] | None) -> None:
+        if self._live:
+            raise RuntimeError("run_queues can only change while the manager is not running")
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, Iterable):
+                raise ValueError(f"run_queues must be a list of queue names, got {names!r}")
+            names = list(names)
+            for name in names:
+                try:
+                    self._check_queue(name)
+                except TypeError as exc:
+                    raise ValueError(f"run_queues: {exc}") from None
+            if not names:
+                raise ValueError("run_queues must name at least one queue (or be None: all)")
+        self._run_queues = None if names is None else frozenset(names)
+        if self._sync is not None:
+            self._sync.run_queues = self._run_queues
 
     # ---------------------------------------------------------------- registration
 
@@ -401,7 +444,7 @@ class BackgroundTaskManager:
                 await self._workers_done.wait()
                 while dispatch.claimed:  # claimed at submit, never started: next start runs it
                     task = dispatch.claimed.popleft()
-                    self._queue.release(task.queue)
+                    self._queue.release(task)
                     if task.status is RUNNING and not task.remote:
                         await writer.interrupt(task)
                 if self.journal is not None:  # what stays in the journal for the next start
@@ -529,6 +572,8 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[Any]: ...
 
     @overload
@@ -543,6 +588,8 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[R]: ...
 
     async def submit(
@@ -556,8 +603,14 @@ class BackgroundTaskManager:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        lock: str | None = None,
+        partition: str | None = None,
     ) -> TaskHandle[Any]:
-        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal)."""
+        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal).
+
+        ``lock``: tasks sharing it run one at a time (in priority, then submission order;
+        with a journal, across every manager on it). ``partition``: its partition of a
+        ``Queue(per_partition=...)``."""
         if self._phase is not _Phase.RUNNING:
             raise ManagerNotRunning()
         code = getattr(fn, "__code__", None)
@@ -595,6 +648,22 @@ class BackgroundTaskManager:
             retry = defaults["retry"] or self.default_retry
         else:
             check_retry(retry, "retry")
+        if lock is not None:
+            check_text(lock, "lock")
+        if partition is not None:
+            check_text(partition, "partition")
+            config = None if self.queues is None else self.queues.get(queue)
+            if config is None or config.per_partition is None:
+                raise ValueError(
+                    f"partition={partition!r} needs a queue with per_partition: queue"
+                    f" {queue!r} is not Queue(per_partition=...)"
+                )
+        runs_here = self._run_queues is None or queue in self._run_queues
+        if not runs_here and journal is None:
+            raise ValueError(
+                f"queue {queue!r} is not in run_queues, and without a journal no other"
+                " manager could run it"
+            )
         table = self._table
         if key is not None:
             check_text(key, "key", empty=True)
@@ -622,14 +691,21 @@ class BackgroundTaskManager:
             now,
             now + wait,
         )
+        if lock is not None:
+            task.lock = lock
+        if partition is not None:
+            task.partition = partition
         dispatch = self._dispatch
         if journal is not None:
             row = _rows.new_row(task)
+            if self._writer.shared and queue in self._writer.shared:
+                row.shared = True
             if (
                 wait <= 0
                 and dispatch.idle
                 and self._writer.claims_on_insert
-                and self._queue.take(queue)
+                and runs_here
+                and self._queue.take(task)
             ):
                 return await self._submit_claimed(task, row)
             try:
@@ -640,7 +716,7 @@ class BackgroundTaskManager:
                 raise
             if stored.id != task.id:  # an unfinished task with this key exists elsewhere
                 return TaskHandle(self._outcomes, stored.id, table.tasks.get(stored.id))
-            if self._phase is not _Phase.RUNNING or not self.run_tasks:
+            if self._phase is not _Phase.RUNNING or not self.run_tasks or not runs_here:
                 table.elsewhere.add(task.id)  # join() waits for it wherever it runs
                 return TaskHandle(self._outcomes, task.id, None)  # on disk; runs elsewhere/later
         self._writer.submitted(task)
@@ -676,7 +752,7 @@ class BackgroundTaskManager:
 
     def _unreserve(self, task: Task, worker: Wakeup) -> None:
         """Give back what ``_submit_claimed`` reserved for a task it did not store."""
-        self._queue.release(task.queue)
+        self._queue.release(task)
         if self._dispatch.stopping:
             worker.set()  # shutdown already woke the idle ones: this one must see it too
         else:
@@ -706,7 +782,7 @@ class BackgroundTaskManager:
         if row is None or task.id in self._table.tasks or not self._live:
             return
         if row.status is RUNNING and row.owner == self.owner and row.version == 1:
-            self._queue.take(task.queue, force=True)  # already claimed: its worker releases it
+            self._queue.take(task, force=True)  # already claimed: its worker releases it
             self._writer.take_claimed(task)
             self._dispatch.hand_claimed(task)
             self._dispatch.wake(1)
@@ -850,4 +926,20 @@ class BackgroundTaskManager:
         return self._table.purge(cutoff)
 
     def statistics(self) -> Statistics:
-        return self._table.statistics(self._queue.size)
+        """Counts by status, and per queue (``Statistics.queues``): running here, ready,
+        waiting on a limit (its limit, rate or partition, here or journal-wide) and
+        waiting on a lock. The per-queue figures cost a pass over the queued tasks."""
+        stats = self._table.statistics(self._queue.size)
+        figures = self._queue.figures()
+        running: dict[str, int] = {}
+        for task in [*self._table.running, *self._dispatch.claimed]:
+            running[task.queue] = running.get(task.queue, 0) + 1
+        for name in sorted({*figures, *running}):
+            f = figures.get(name)
+            stats.queues[name] = QueueStatistics(
+                running=running.get(name, 0),
+                ready=0 if f is None else f.ready,
+                waiting_on_limit=0 if f is None else f.waiting_on_limit,
+                waiting_on_lock=0 if f is None else f.waiting_on_lock,
+            )
+        return stats

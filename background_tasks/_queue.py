@@ -1,12 +1,27 @@
-"""The ready queue (priority then FIFO, per-queue limits, a heap of not-before times) and
-the dispatch around it: idle workers' wake-ups, tasks claimed at submit, and the timer
-that promotes delayed tasks when they are due.
+"""The ready queue (priority then FIFO, per-queue flow control, locks, a heap of
+not-before times) and the dispatch around it: idle workers' wake-ups, tasks claimed at
+submit, and the timer that promotes delayed tasks when they are due.
 
 Each named queue holds one deque of tasks per priority (most work uses one priority, so a
 push and a pop are a deque append and popleft: no tuple per task, nothing for the garbage
-collector to track). A task is live in the queue while ``task.seq >= 0``; cancelling
+collector to track). A task is live in the queue while ``task.seq >= 0`` (``<= -2``:
+waiting for its lock, in that lock's wait list); cancelling
 just marks it, and a stale entry is dropped when it reaches the front. A queue at its
 limit is skipped, never blocking another queue.
+
+Flow control (``Queue``) lives in ``_Gate``, the lane of a queue that bounds something:
+its running count, a sliding window of its recent starts (``rate``), and with
+``per_partition`` one lane per partition plus a heap of the partitions that may start
+a task now, keyed by their first task (priority, then the order it became ready): the
+queue's next task is the oldest ready one among the partitions with room, so no
+partition waits behind another and none is starved. A queue without any of that is a
+plain ``_Lane`` and pays nothing for it.
+
+Locks (``submit(lock=)``) keep, per lock name, one *head*, the only task of the lock in
+a lane (ready, running, or parked after the journal refused its claim), and a wait
+list (a heap by priority, then id, which sorts by submission) of the others: a task
+waiting for its lock holds no worker and no queue slot and is skipped by nothing. When
+the head's attempt ends, the best waiter becomes the head.
 """
 
 from __future__ import annotations
@@ -16,15 +31,20 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._flow import Queue, monotonic
 from ._task import Task
 
 if TYPE_CHECKING:
     from ._clock import Alarm, Clock
 
-__all__ = ["Dispatch", "ReadyQueue", "Wakeup"]
+__all__ = ["Dispatch", "QueueFigures", "ReadyQueue", "Wakeup"]
+
+#: Why the journal refused a claim (``ClaimLimits.refused``), as ``ReadyQueue.park`` takes it.
+LOCK, PARTITION = "lock", "partition"
+_NOTHING: Callable[..., None] = lambda *_: None  # noqa: E731
 
 
 class _Lane:
@@ -58,19 +78,226 @@ class _Lane:
             del order[0]
         return None
 
+    def live(self) -> list[Task]:
+        return [t for lane in self.by_priority.values() for t in lane if t.seq >= 0]
 
-class ReadyQueue:
-    __slots__ = ("_delayed", "_lanes", "_limits", "_running", "_seq", "size")
 
-    def __init__(self, limits: Mapping[str, int]) -> None:
-        self._lanes: dict[str, _Lane] = {}
-        self._delayed: list[tuple[float, int, Task]] = []
-        self._limits = dict(limits)
-        self._running = dict.fromkeys(self._limits, 0)
-        self._seq = itertools.count()
-        self.size = 0  # live entries, ready and delayed
+class _Part(_Lane):
+    """One partition of a ``_Gate`` with ``per_partition``."""
+
+    __slots__ = ("held", "key", "running", "token")
+
+    def __init__(self, key: str | None) -> None:
+        super().__init__()
+        self.key = key
+        self.running = 0
+        self.token = 0  # the heap entry with this token is the partition's one live entry
+        self.held: Task | None = None  # parked after a journal-wide refusal: not ready
+
+
+class _Gate(_Lane):
+    """The lane of a queue with flow control, in this process (see the module doc)."""
+
+    __slots__ = (
+        "blocked_until",
+        "config",
+        "heap",
+        "held",
+        "limit",
+        "notify",
+        "now",
+        "parts",
+        "per_partition",
+        "period",
+        "rate",
+        "running",
+        "starts",
+    )  # fmt: skip
+
+    def __init__(
+        self, config: Queue, now: Callable[[], float], notify: Callable[[_Gate, float], None]
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.limit = config.limit
+        rate = config.rate_limit
+        self.rate: int | None = None if rate is None else rate[0]
+        self.period = 0.0 if rate is None else rate[1]
+        self.starts: deque[float] = deque(maxlen=self.rate)  # the window: recent starts
+        self.per_partition = config.per_partition
+        self.parts: dict[str | None, _Part] | None = None if self.per_partition is None else {}
+        self.heap: list[tuple[int, int, int, _Part]] = []  # ready partitions
+        self.running = 0
+        self.held: Task | None = None  # parked after a journal-wide refusal: queue waits
+        self.blocked_until = math.inf  # the rate window opens again then (timer knows)
+        self.now = now
+        self.notify = notify
 
     def push(self, task: Task) -> None:
+        parts = self.parts
+        if parts is None:
+            _Lane.push(self, task)
+            return
+        part = parts.get(task.partition)
+        if part is None:
+            part = parts[task.partition] = _Part(task.partition)
+        part.push(task)
+        if part.held is None and part.running < self.per_partition:  # type: ignore[operator]
+            head = part.front()
+            if head is not None and head[0] is task:  # it leads its partition now
+                self._offer(part, task)
+
+    def _offer(self, part: _Part, head: Task) -> None:
+        part.token += 1
+        heapq.heappush(self.heap, (-head.priority, head.seq, part.token, part))
+
+    def blocked(self) -> bool:
+        """Whether the whole queue may start nothing now (held, at its limit, rate)."""
+        if self.held is not None:
+            return True
+        if self.limit is not None and self.running >= self.limit:
+            return True
+        starts = self.starts
+        if self.rate is not None and len(starts) >= self.rate:
+            reopen = starts[0] + self.period
+            if reopen > self.now():
+                self.notify(self, reopen)
+                return True
+        return False
+
+    def front(self) -> deque[Task] | None:
+        if self.blocked():
+            return None
+        if self.parts is None:
+            return _Lane.front(self)
+        heap, parts, per = self.heap, self.parts, self.per_partition
+        while heap:
+            _, seq, token, part = heap[0]
+            if token != part.token or part.held is not None or part.running >= per:  # type: ignore[operator]
+                heapq.heappop(heap)  # stale, or not ready: offered again when it is
+                continue
+            lane = part.front()
+            if lane is None:
+                heapq.heappop(heap)
+                if part.running == 0 and parts.get(part.key) is part:
+                    del parts[part.key]
+                continue
+            head = lane[0]
+            if head.seq != seq:  # its first task changed (cancelled): key it anew
+                heapq.heapreplace(heap, (-head.priority, head.seq, token, part))
+                continue
+            return lane
+        return None
+
+    def took(self, task: Task) -> None:
+        """Bookkeeping once ``task``, from ``front()``, was taken to run."""
+        self.running += 1
+        if self.rate is not None:
+            starts = self.starts
+            starts.append(self.now())
+            if len(starts) >= self.rate:  # full: the timer must know when it opens
+                self.notify(self, starts[0] + self.period)
+        parts = self.parts
+        if parts is not None:
+            part = parts[task.partition]
+            part.running += 1
+            heapq.heappop(self.heap)  # the entry front() returned
+            if part.running < self.per_partition:  # type: ignore[operator]
+                lane = part.front()
+                if lane is not None:
+                    self._offer(part, lane[0])
+
+    def release(self, task: Task) -> None:
+        self.running -= 1
+        parts = self.parts
+        if parts is not None:
+            part = parts.get(task.partition)
+            if part is None:
+                return
+            part.running -= 1
+            self.ready_again(part)
+
+    def ready_again(self, part: _Part) -> None:
+        """Offer a partition that may have room again, or forget an idle empty one."""
+        if part.held is not None:
+            return
+        lane = part.front()
+        if lane is not None:
+            if part.running < self.per_partition:  # type: ignore[operator]
+                self._offer(part, lane[0])
+        elif part.running == 0 and self.parts is not None and self.parts.get(part.key) is part:
+            del self.parts[part.key]
+
+    def take(self) -> bool:
+        """A slot for a task claimed as it was submitted (only a plain local limit)."""
+        if self.rate is not None or self.parts is not None or self.config.shared:
+            return False
+        if self.held is not None or (self.limit is not None and self.running >= self.limit):
+            return False
+        self.running += 1
+        return True
+
+    def live(self) -> list[Task]:
+        if self.parts is None:
+            return _Lane.live(self)
+        return [t for part in self.parts.values() for t in part.live()]
+
+
+class _Lock:
+    """One lock name: its head (the one task of the lock that may be in a lane) and the
+    wait list of the others, best first: (-priority, id, seq, task)."""
+
+    __slots__ = ("head", "name", "parked", "running", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.head: Task | None = None
+        self.running = False  # the head was taken to run (its attempt, or its claim)
+        self.parked = False  # the journal refused the head's claim: it keeps its place
+        self.waiting: list[tuple[int, str, int, Task]] = []
+
+
+class QueueFigures:
+    """What one named queue holds here: ``ready`` (may start now), ``waiting_on_limit``
+    (held back by the queue's limit, rate or partition), ``waiting_on_lock``."""
+
+    __slots__ = ("ready", "waiting_on_limit", "waiting_on_lock")
+
+    def __init__(self) -> None:
+        self.ready = self.waiting_on_limit = self.waiting_on_lock = 0
+
+
+class ReadyQueue:
+    __slots__ = (
+        "_delayed", "_gates", "_lanes", "_locks", "_now", "_parked", "_rated", "_reopen",
+        "_seq", "size", "wake_timer", "wake_workers",
+    )  # fmt: skip
+
+    def __init__(self, queues: Mapping[str, Queue], now: Callable[[], float] = monotonic) -> None:
+        self._lanes: dict[str, _Lane] = {}
+        self._delayed: list[tuple[float, int, Task]] = []
+        self._now = now
+        #: the lanes of queues that bound something, by name
+        self._gates: dict[str, _Gate] = {}
+        for name, config in queues.items():
+            if config.limited:
+                self._gates[name] = self._lanes[name] = _Gate(config, now, self._blocked)
+        self._rated = [g for g in self._gates.values() if g.rate is not None]
+        self._reopen = math.inf  # the earliest time a rate window opens again
+        self._locks: dict[str, _Lock] = {}
+        #: tasks parked after the journal refused their claim, and why (LOCK, ...)
+        self._parked: dict[Task, str] = {}
+        self._seq = itertools.count()
+        self.size = 0  # live entries, ready, delayed and waiting for their lock
+        #: set by the dispatch: wake the timer (an earlier due time), and n idle workers
+        self.wake_timer: Callable[[], None] = _NOTHING
+        self.wake_workers: Callable[[int], None] = _NOTHING
+
+    # ------------------------------------------------------------------ in
+
+    def push(self, task: Task) -> None:
+        if (task.lock is not None or self._parked) and not self._admit(task):
+            return  # it waits for its lock
         task.seq = next(self._seq)
         lane = self._lanes.get(task.queue)
         if lane is None:
@@ -90,70 +317,271 @@ class ReadyQueue:
         return any(lane.front() is not None for lane in self._lanes.values())
 
     def discard(self, task: Task) -> None:
-        if task.seq >= 0:
+        if task.seq != -1:  # queued (>= 0), or waiting for its lock (<= -2)
             task.seq = -1
             self.size -= 1
+        if self._parked and task in self._parked:
+            self._unpark(task)
+        if task.lock is not None:
+            lock = self._locks.get(task.lock)
+            if lock is not None and lock.head is task and not lock.running:
+                lock.head = None
+                if self._next_head(lock):
+                    self.wake_workers(1)
+
+    # ------------------------------------------------------------------ locks
+
+    def _admit(self, task: Task) -> bool:
+        """Whether ``task`` may go to its lane now; if not, it waits for its lock."""
+        if self._parked and task in self._parked:
+            self._unpark(task)
+        name = task.lock
+        if name is None:
+            return True
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = _Lock(name)
+        head = lock.head
+        if head is None:
+            lock.head = task
+            return True
+        if head is task and not lock.running:
+            return True  # a parked head back from its wait
+        if (
+            head is not task
+            and not lock.running
+            and head.seq >= 0
+            and (-task.priority, task.id) < (-head.priority, head.id)
+        ):  # the head has not started: a better task takes its place
+            head.seq = -1
+            self.size -= 1
+            if self._parked and head in self._parked:
+                self._unpark(head)
+            self._wait(lock, head)
+            lock.head = task
+            return True
+        self._wait(lock, task)
+        return False
+
+    def _wait(self, lock: _Lock, task: Task) -> None:
+        # A negative token: live in the wait list, but not in a lane (whose entries count
+        # as live while seq >= 0), so a demoted head's old lane entry stays dead.
+        seq = task.seq = -2 - next(self._seq)
+        heapq.heappush(lock.waiting, (-task.priority, task.id, seq, task))
+        self.size += 1
+
+    def _next_head(self, lock: _Lock) -> bool:
+        """The best live waiter of a free lock becomes its head (into its lane)."""
+        waiting = lock.waiting
+        while waiting:
+            _, _, seq, task = heapq.heappop(waiting)
+            if task.seq == seq:
+                task.seq = -1
+                self.size -= 1
+                lock.head = task
+                self.push(task)
+                return True
+        if lock.head is None:
+            del self._locks[lock.name]
+        return False
+
+    # ------------------------------------------------------------------ refused claims
+
+    def park(self, task: Task, why: str | None, due: float) -> bool:
+        """A claim the journal refused for a journal-wide limit (``why``: LOCK,
+        PARTITION, or the queue's limit or rate): the task waits until monotonic ``due``
+        (or ``unpark_all``) and holds back its lock, partition or queue meanwhile, so
+        that this process does not claim the next task only to be refused again. True
+        if ``due`` is now the earliest."""
+        gate = self._gates.get(task.queue)
+        lock = None if task.lock is None else self._locks.get(task.lock)
+        if why == LOCK and lock is not None and lock.head is task:
+            lock.parked = True
+        elif why == PARTITION and gate is not None and gate.parts is not None:
+            part = gate.parts.get(task.partition)
+            if part is None:
+                part = gate.parts[task.partition] = _Part(task.partition)
+            part.held = task
+        elif gate is not None:
+            gate.held = task
+        else:
+            why = None
+        if lock is not None and lock.head is task:
+            lock.parked = True  # whatever refused it, it keeps its lock's place
+        self._parked[task] = why or ""
+        return self.push_delayed(task, due)
+
+    def _unpark(self, task: Task) -> None:
+        why = self._parked.pop(task)
+        if task.lock is not None:
+            lock = self._locks.get(task.lock)
+            if lock is not None and lock.head is task:
+                lock.parked = False
+        gate = self._gates.get(task.queue)
+        if gate is None:
+            return
+        if why == PARTITION and gate.parts is not None:
+            part = gate.parts.get(task.partition)
+            if part is not None and part.held is task:
+                part.held = None
+                gate.ready_again(part)
+        elif gate.held is task:
+            gate.held = None
+
+    @property
+    def parked(self) -> bool:
+        """Whether a task waits after a refused claim."""
+        return bool(self._parked)
+
+    def unpark_all(self) -> int:
+        """Every parked task ready again now (another manager freed something); how many."""
+        parked = [t for t in self._parked if t.seq >= 0]
+        for task in parked:
+            task.seq = -1
+            self.size -= 1
+            self.push(task)
+        self._parked.clear()  # (a parked task no longer live was discarded)
+        return len(parked)
+
+    # ------------------------------------------------------------------ time
+
+    def _blocked(self, gate: _Gate, reopen: float) -> None:
+        """A rate window is full until ``reopen``: the timer must wake then."""
+        gate.blocked_until = reopen
+        if reopen < self._reopen:
+            self._reopen = reopen
+            self.wake_timer()
 
     def next_due(self) -> float | None:
         delayed = self._delayed
         while delayed and delayed[0][2].seq != delayed[0][1]:
             heapq.heappop(delayed)
-        return delayed[0][0] if delayed else None
+        due = delayed[0][0] if delayed else math.inf
+        due = min(due, self._reopen)
+        return None if due == math.inf else due
 
     def promote(self, now: float) -> int:
-        """Move delayed tasks that are due into the ready lanes; how many moved."""
+        """Move delayed tasks that are due into the ready lanes; how many moved (and how
+        many rate windows opened again)."""
         delayed = self._delayed
         moved = 0
         while delayed and delayed[0][0] <= now:
             _, seq, task = heapq.heappop(delayed)
             if task.seq == seq:
                 self.size -= 1
+                task.seq = -1
                 self.push(task)
                 moved += 1
+        if self._reopen <= now:
+            self._reopen = math.inf
+            for gate in self._rated:
+                if gate.blocked_until <= now:
+                    gate.blocked_until = math.inf
+                    moved += 1
+                elif gate.blocked_until < self._reopen:
+                    self._reopen = gate.blocked_until
         return moved
+
+    # ------------------------------------------------------------------ out
 
     def pop(self) -> Task | None:
         """The best ready task whose queue has room, or None; takes a slot of its queue."""
         best: deque[Task] | None = None
-        limits = self._limits
-        for name, lane in self._lanes.items():
+        best_lane: _Lane | None = None
+        for lane in self._lanes.values():
             head = lane.front()
             if head is None:
                 continue
-            if limits and name in limits and self._running[name] >= limits[name]:
-                continue
             if best is None:
-                best = head
+                best, best_lane = head, lane
             else:
                 task, other = head[0], best[0]
                 if (-task.priority, task.seq) < (-other.priority, other.seq):
-                    best = head
+                    best, best_lane = head, lane
         if best is None:
             return None
         task = best.popleft()
         task.seq = -1
         self.size -= 1
-        if limits and task.queue in self._running:
-            self._running[task.queue] += 1
+        if best_lane.__class__ is _Gate:
+            best_lane.took(task)
+        if task.lock is not None:
+            self._locks[task.lock].running = True
         return task
 
-    def take(self, queue: str, *, force: bool = False) -> bool:
-        """Take a slot of ``queue`` for a task that skips the ready queue (claimed when it
-        was submitted); False if the queue is at its limit, unless ``force``."""
-        running = self._running
-        if queue not in running:
-            return True
-        if running[queue] >= self._limits[queue] and not force:
+    def take(self, task: Task, *, force: bool = False) -> bool:
+        """Take a slot for a task that skips the ready queue (claimed when it was
+        submitted); False if it may not (its queue at its limit, unless ``force``, or
+        flow control beyond a plain local limit: a lock, a rate, partitions, shared)."""
+        if task.lock is not None or task.partition is not None:
             return False
-        running[queue] += 1
-        return True
-
-    def release(self, queue: str) -> bool:
-        """Give back a slot taken by pop; True if that queue has a limit (so waiters may run)."""
-        if queue in self._running:
-            self._running[queue] -= 1
+        gate = self._gates.get(task.queue)
+        if gate is None:
             return True
-        return False
+        if force:
+            gate.running += 1
+            return True
+        return gate.take()
+
+    def release(self, task: Task) -> bool:
+        """Give back what pop (or take) took for ``task``; True if that may let another
+        task start (the caller wakes a worker)."""
+        freed = False
+        gates = self._gates
+        if gates:
+            gate = gates.get(task.queue)
+            if gate is not None:
+                gate.release(task)
+                freed = True
+        if task.lock is not None:
+            lock = self._locks.get(task.lock)
+            if lock is not None and lock.head is task and lock.running:
+                lock.running = False
+                if not lock.parked:  # a refused head keeps its place
+                    lock.head = None
+                    freed = self._next_head(lock) or freed
+        return freed
+
+    # ------------------------------------------------------------------ figures
+
+    def figures(self) -> dict[str, QueueFigures]:
+        """What each queue holds here now, by reason (``statistics()``; O(tasks))."""
+        out: dict[str, QueueFigures] = {}
+
+        def of(name: str) -> QueueFigures:
+            found = out.get(name)
+            if found is None:
+                found = out[name] = QueueFigures()
+            return found
+
+        for name, lane in self._lanes.items():
+            figures = of(name)
+            if lane.__class__ is not _Gate:
+                figures.ready += len(lane.live())
+                continue
+            gate: _Gate = lane
+            if gate.blocked():
+                figures.waiting_on_limit += len(gate.live())
+            elif gate.parts is None:
+                figures.ready += len(gate.live())
+            else:
+                for part in gate.parts.values():
+                    n = len(part.live())
+                    if part.held is not None or part.running >= gate.per_partition:  # type: ignore[operator]
+                        figures.waiting_on_limit += n
+                    else:
+                        figures.ready += n
+        for lock in self._locks.values():
+            for _, _, seq, task in lock.waiting:
+                if task.seq == seq:
+                    of(task.queue).waiting_on_lock += 1
+        for task, why in self._parked.items():
+            if task.seq >= 0:
+                if why == LOCK:
+                    of(task.queue).waiting_on_lock += 1
+                else:
+                    of(task.queue).waiting_on_limit += 1
+        return out
 
 
 class Wakeup(Protocol):
@@ -178,6 +606,8 @@ class Dispatch:
         self.claimed: deque[Task] = deque()  # claimed at submit, for the next free worker
         self.stopping = False  # set at shutdown: workers take no new work
         self._alarm: Alarm | None = None  # the timer's, while it runs
+        ready.wake_timer = self._wake_timer
+        ready.wake_workers = self.wake
 
     def reset(self) -> None:
         self.stopping = False
@@ -207,6 +637,22 @@ class Dispatch:
             self.push(task)
         elif self.ready.push_delayed(task, clock.monotonic() + wait) and self._alarm is not None:
             self._alarm.wake()
+
+    def _wake_timer(self) -> None:
+        if self._alarm is not None:
+            self._alarm.wake()
+
+    def park(self, task: Task, why: str | None, delay: float) -> None:
+        """A task whose claim the journal refused for a journal-wide limit: tried again
+        after ``delay`` seconds, or sooner if another manager frees something."""
+        if self.ready.park(task, why, self.clock.monotonic() + delay):
+            self._wake_timer()
+
+    def unpark(self) -> None:
+        """Another manager freed a slot, a lock or a rate: parked tasks try again now."""
+        moved = self.ready.unpark_all()
+        if moved:
+            self.wake(moved)
 
     def hand_claimed(self, task: Task) -> None:
         """A task claimed as it was submitted, for the worker reserved for it."""

@@ -57,6 +57,7 @@ class JournalSync:
         "leases",
         "poll_interval",
         "registry",
+        "run_queues",
         "run_tasks",
         "suspects",
         "table",
@@ -82,6 +83,8 @@ class JournalSync:
         self.registry = registry
         self.default_retry = default_retry
         self.run_tasks = run_tasks
+        #: the queues this manager runs (None: all); rows of others are left to others
+        self.run_queues: frozenset[str] | None = None
         self.poll_interval = poll_interval
         self.cursor = 0
         self._liveness = journal if isinstance(journal, LivenessJournal) else None
@@ -96,6 +99,8 @@ class JournalSync:
         """Hold and queue a runnable row here; None if this process does not run it (its
         name is not registered here, or this manager runs no tasks)."""
         if row.id in self.table.tasks or not self.run_tasks:
+            return None
+        if self.run_queues is not None and row.queue not in self.run_queues:
             return None
         registered = self.registry.tasks.get(row.name)
         if registered is None:  # another process may run it; say so once per name
@@ -226,8 +231,12 @@ class JournalSync:
         while True:
             try:
                 rows, self.cursor = await journal.changes(self.cursor, owner)
+                freed = False
                 for row in rows:
                     self.seen(row)
+                    freed = freed or row.status is not RUNNING
+                if freed and self.dispatch.ready.parked:
+                    self.dispatch.unpark()  # a slot, lock or partition may be free now
                 if notifying is None:
                     await anyio.sleep(self.poll_interval)
                 else:  # at most 1 s, so a cancel from elsewhere still lands within a second

@@ -18,11 +18,23 @@ from ._events import WARNING, is_enabled, log
 from ._states import TaskStatus
 from ._task import Task
 
-__all__ = ["Statistics", "TaskTable"]
+__all__ = ["QueueStatistics", "Statistics", "TaskTable"]
 
 _STAT_FIELDS = frozenset(
     {"pending", "running", "retrying", "completed", "failed", "cancelled", "queued"}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """One queue in this manager: attempts ``running`` here, tasks ``ready`` to start,
+    tasks ``waiting_on_limit`` (the queue's limit, rate or partition is taken, here or
+    journal-wide) and ``waiting_on_lock`` (another task holds their lock)."""
+
+    running: int
+    ready: int
+    waiting_on_limit: int
+    waiting_on_lock: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,8 @@ class Statistics:
     cancelled: int
     queued: int  # waiting to run here (ready or delayed)
     by_status: dict[TaskStatus, int] = field(default_factory=dict)
+    #: per queue that holds or runs anything here
+    queues: dict[str, QueueStatistics] = field(default_factory=dict)
 
     def __getitem__(self, name: str | TaskStatus) -> int:
         key = name.value if isinstance(name, TaskStatus) else name

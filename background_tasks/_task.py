@@ -37,8 +37,10 @@ class Task:
         "interrupted",
         "key",
         "kwargs",
+        "lock",
         "max_attempts",
         "name",
+        "partition",
         "priority",
         "progress",
         "queue",
@@ -101,6 +103,8 @@ class Task:
         self.busy = False  # a journal write for this task is in flight
         self.remote = False  # another manager sharing the journal owns its fate now
         self.version = 0  # the journal row's version this process last saw
+        self.lock: str | None = None  # one task of a lock runs at a time (submit(lock=))
+        self.partition: str | None = None  # its partition of a per_partition queue
 
     def record(self) -> TaskRecord:
         progress = None

@@ -99,7 +99,7 @@ async def worker_loop(
                         current = None
                         log.exception("worker_error", task_id=task.id, name=task.name)
                     finally:
-                        if current is None and queue.release(task.queue):
+                        if current is None and queue.release(task):
                             dispatch.wake(1)
                     if in_memory:  # a journaled task awaited its writes: no streak there
                         streak += 1
@@ -120,7 +120,7 @@ async def _cut_short(dispatch: Dispatch, writer: StateWriter, task: Task) -> Non
         with anyio.CancelScope(shield=True):
             await _record(dispatch, writer, task, *cut_short(task))
     finally:
-        if dispatch.ready.release(task.queue):
+        if dispatch.ready.release(task):
             dispatch.wake(1)
 
 

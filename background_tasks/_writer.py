@@ -16,6 +16,7 @@ leave a task exactly as ``commit`` does.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -32,11 +33,19 @@ from ._events import DEBUG, WARNING, is_enabled, log, transition
 from ._models import ErrorInfo, dumps
 from ._states import TRANSITIONS, TaskStatus, check_transition, reclaim_target
 from .journal import _rows
-from .journal._protocol import BatchingJournal, Change, ClaimingJournal, Journal, TaskRow
+from .journal._protocol import (
+    BatchingJournal,
+    Change,
+    ClaimingJournal,
+    ClaimLimits,
+    Journal,
+    TaskRow,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
+    from ._flow import Queue
     from ._queue import ReadyQueue
     from ._retry import RetryPolicy
     from ._table import TaskTable
@@ -63,7 +72,9 @@ class StateWriter:
         "max_recoveries",
         "now",
         "owner",
+        "park",
         "queue",
+        "shared",
         "spawn",
         "table",
         "unknown",
@@ -100,6 +111,10 @@ class StateWriter:
         self.giving_up = False
         #: starts a background task in the manager's task group (set while it runs)
         self.spawn: Callable[..., object] | None = None
+        #: queues whose limits hold journal-wide (``Queue(shared=True)``), by name
+        self.shared: dict[str, Queue] = {}
+        #: (task, why, delay): a claim the journal refused for a limit, tried again later
+        self.park: Callable[[Task, str | None, float], None] | None = None
 
     # ------------------------------------------------------------ accepting a task
 
@@ -245,11 +260,14 @@ class StateWriter:
         result: Any = None,
         error: BaseException | None = None,
         retry_at: float = 0.0,
+        limits: ClaimLimits | None = None,
     ) -> bool:
         """Change a task's status: the table, then the journal, then memory (``commit``).
 
         False when the journal refused the change because another manager sharing it got
-        there first; the task is then theirs and is dropped from this one.
+        there first; the task is then theirs and is dropped from this one. Also False,
+        with ``limits.refused`` set and the task still here, when ``limits`` (a claim's)
+        held it back.
         """
         check_transition(task.status, target)
         now = self.now()
@@ -259,11 +277,15 @@ class StateWriter:
             change = _rows.change(
                 task, target, now, result, info, retry_at, self.owner, now + self.lease
             )
+            if limits is not None:
+                change.limits = limits
             task.busy = True
             try:
                 applied = await self._write(change)
             finally:
                 task.busy = False
+            if not applied and limits is not None and limits.refused is not None:
+                return False
             if not self._written(task, change, applied):
                 return False
         self.commit(task, target, now, result, error, retry_at, info)
@@ -329,10 +351,42 @@ class StateWriter:
         (cancelled, or claimed by another manager first)."""
         if task.status not in _WAITING or task.remote:
             return False
-        if not await self.apply(task, RUNNING):
+        limits = None
+        if task.lock is not None or (self.shared and task.queue in self.shared):
+            limits = self.limits(task)
+        if not await self.apply(task, RUNNING, limits=limits):
+            if limits is not None and limits.refused is not None and not task.remote:
+                await self._refused(task, limits.refused)
             return False
         self.table.running.add(task)
         return True
+
+    def limits(self, task: Task) -> ClaimLimits:
+        """What the claim of ``task`` must respect journal-wide: its lock, and its queue's
+        figures if they are shared. (The local ones the ready queue already enforced.)"""
+        limits = ClaimLimits(task.queue, lock=task.lock, priority=task.priority)
+        config = self.shared.get(task.queue)
+        if config is not None:
+            limits.limit = config.limit
+            if config.per_partition is not None:
+                limits.partition, limits.per_partition = task.partition, config.per_partition
+            rate = config.rate_limit
+            if rate is not None:
+                limits.rate, limits.period = rate
+        return limits
+
+    async def _refused(self, task: Task, why: str) -> None:
+        """A claim held back by a journal-wide limit: the task stays PENDING/RETRYING and
+        tries again after a short wait, or sooner when another manager frees something
+        (the watcher unparks it); a cancel asked for meanwhile wins."""
+        if is_enabled(DEBUG):
+            log.debug(
+                "task_claim_refused", task_id=task.id, name=task.name, queue=task.queue, why=why
+            )
+        if task.cancel_requested:
+            await self.apply(task, CANCELLED)
+        elif self.park is not None:
+            self.park(task, why, random.uniform(0.05, 0.2))
 
     async def finish(
         self,

@@ -522,6 +522,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     async with open_journal(args.journal, args.schema) as journal:
         counts = await journal.counts()
         per_queue = await journal.counts_by_queue()
+        waiting = await journal.waiting_by_queue(now)
         oldest = await journal.oldest(TaskStatus.PENDING)
         retrying = (
             await _scan(journal, TaskStatus.RETRYING) if counts.get(TaskStatus.RETRYING) else []
@@ -543,13 +544,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for status in TaskStatus:
         table.add_column(status.value.upper(), justify="right", style=STATUS_STYLE[status])
     table.add_column("TOTAL", justify="right", style="bold")
+    # of the pending and retrying tasks that are due: waiting for a worker or a limit
+    # (a queue's limit, rate, partition), and waiting on a lock another task holds
+    table.add_column("DUE", justify="right")
+    table.add_column("ON LOCK", justify="right")
     for queue in sorted(by_queue):
         c = by_queue[queue]
-        table.add_row(escape(queue), *(str(c[s]) for s in TaskStatus), str(sum(c.values())))
+        free, locked = waiting.get(queue, (0, 0))
+        table.add_row(
+            escape(queue), *(str(c[s]) for s in TaskStatus), str(sum(c.values())),
+            str(free), str(locked),
+        )  # fmt: skip
     table.add_row(
         Text("all", style="bold"),
         *(str(counts.get(s, 0)) for s in TaskStatus),
         str(total),
+        str(sum(d for d, _ in waiting.values())),
+        str(sum(locked for _, locked in waiting.values())),
         end_section=True,
     )
     console.print(table)
@@ -696,6 +707,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.concurrency is not None:
         manager.max_concurrency = args.concurrency
+    if args.queue:
+        try:
+            manager.run_queues = args.queue
+        except ValueError as exc:
+            raise CliError(f"--queue: {exc}") from None
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
@@ -705,9 +721,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with manager:
             names = ", ".join(sorted(manager.registry.tasks)) or "none"
+            queues = "" if manager.run_queues is None else ", ".join(sorted(manager.run_queues))
             err.print(
                 f"worker {escape(manager.owner)}: concurrency {manager.max_concurrency}, "
-                f"tasks: {escape(names)}; stop with Ctrl-C or SIGTERM"
+                f"tasks: {escape(names)}{'; queues: ' + escape(queues) if queues else ''}; "
+                "stop with Ctrl-C or SIGTERM"
             )
             async for signum in signals:
                 running = manager.statistics().running
@@ -861,6 +879,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="override the manager's max_concurrency",
+    )
+    sub.add_argument(
+        "--queue",
+        "-q",
+        action="append",
+        metavar="NAME",
+        help="run only tasks of this queue (repeatable; default: every queue); tasks of"
+        " other queues wait for a worker that runs them",
     )
     sub.add_argument(
         "--backend",

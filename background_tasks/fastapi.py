@@ -118,6 +118,29 @@ class TaskRecordOut(RedactedTaskRecordOut):
     kwargs: dict[str, Any] = Field(description="keyword arguments (repr() where JSON cannot)")
 
 
+class QueueStatisticsOut(BaseModel):
+    """One queue in this manager (``Statistics.queues``)."""
+
+    running: int = Field(description="attempts of this queue running in this manager")
+    ready: int = Field(description="tasks that may start now")
+    waiting_on_limit: int = Field(description="held back by the queue's limit, rate or partition")
+    waiting_on_lock: int = Field(description="waiting for another task to release their lock")
+
+
+class StatisticsOut(BaseModel):
+    """``manager.statistics()``: counts by status of the tasks this manager handled,
+    what waits to run here, and per queue."""
+
+    pending: int
+    running: int
+    retrying: int
+    completed: int
+    failed: int
+    cancelled: int
+    queued: int = Field(description="waiting to run here (ready, delayed or on a lock)")
+    queues: dict[str, QueueStatisticsOut]
+
+
 class ErrorResponse(BaseModel):
     """The body of a 404, 409 or 503 answer."""
 
@@ -287,7 +310,8 @@ def tasks_router(
     ``kwargs`` out of every response and of the OpenAPI schema, since arguments may hold
     secrets. ``max_limit`` bounds ``?limit=`` (past it: 422), ``max_wait`` bounds
     ``?wait=`` in seconds (past it: 422). Route names, for ``request.url_for``:
-    ``list_tasks``, ``get_task``, ``cancel_task``, ``requeue_task``.
+    ``list_tasks``, ``task_statistics`` (``GET /stats``: ``manager.statistics()``, per
+    queue too), ``get_task``, ``cancel_task``, ``requeue_task``.
     """
     if isinstance(max_limit, bool) or not isinstance(max_limit, int) or max_limit < 1:
         raise ValueError(f"max_limit must be an int >= 1, not {max_limit!r}")
@@ -331,6 +355,33 @@ def tasks_router(
     ) -> list[RedactedTaskRecordOut]:
         records = await manager.list(status=status, queue=queue, name=name, limit=limit)
         return [_to_out(record, model) for record in records]
+
+    @router.get(
+        "/stats",
+        name="task_statistics",
+        summary="Counts by status, and per queue: running, ready, waiting on a limit or a lock",
+        response_model=StatisticsOut,
+    )
+    async def task_statistics() -> StatisticsOut:
+        stats = manager.statistics()
+        return StatisticsOut(
+            pending=stats.pending,
+            running=stats.running,
+            retrying=stats.retrying,
+            completed=stats.completed,
+            failed=stats.failed,
+            cancelled=stats.cancelled,
+            queued=stats.queued,
+            queues={
+                name: QueueStatisticsOut(
+                    running=q.running,
+                    ready=q.ready,
+                    waiting_on_limit=q.waiting_on_limit,
+                    waiting_on_lock=q.waiting_on_lock,
+                )
+                for name, q in stats.queues.items()
+            },
+        )
 
     @router.get(
         "/{task_id}",

@@ -837,6 +837,23 @@ class JournalContract:
         assert await journal.oldest(C) == early
         assert await journal.oldest(R) is None
 
+    async def test_waiting_by_queue_tells_lock_waits_from_the_others(
+        self, journal: Journal
+    ) -> None:
+        if not _capable(journal, InspectableJournal):
+            return
+        assert isinstance(journal, InspectableJournal)
+        now = time.time()
+        assert await journal.waiting_by_queue(now) == {}
+        holder = await journal.insert(make_row(queue="q", lock="L"))
+        await applied(journal, claim(holder))
+        await journal.insert(make_row(queue="q", lock="L"))  # the lock is held
+        await journal.insert(make_row(queue="q", lock="M"))  # free: first of its lock
+        await journal.insert(make_row(queue="q", lock="M"))  # behind the one before
+        await journal.insert(make_row(queue="q"))
+        await journal.insert(make_row(queue="late", scheduled_at=now + 3600))  # not due
+        assert await journal.waiting_by_queue(now + 1) == {"q": (2, 2)}
+
     # ------------------------------------------------------------------ queries
 
     async def test_list_newest_first_with_filters(self, journal: Journal) -> None:

@@ -479,6 +479,7 @@ async def test_dependencies_guard_every_route(manager: BackgroundTaskManager) ->
         await handle
         routes = [
             ("GET", "/tasks"),
+            ("GET", "/tasks/stats"),
             ("GET", f"/tasks/{handle.id}"),
             ("GET", f"/tasks/{handle.id}?wait=1"),
             ("POST", f"/tasks/{handle.id}/cancel"),
@@ -672,6 +673,7 @@ async def test_openapi_schema_is_exact(manager: BackgroundTaskManager) -> None:
     paths = schema["paths"]
     assert set(paths) == {
         "/tasks",
+        "/tasks/stats",
         "/tasks/{task_id}",
         "/tasks/{task_id}/cancel",
         "/tasks/{task_id}/requeue",
@@ -698,3 +700,28 @@ async def test_openapi_schema_is_exact(manager: BackgroundTaskManager) -> None:
     record = schema["components"]["schemas"]["TaskRecordOut"]
     assert set(record["properties"]) == set(TaskRecord.model_fields)
     assert {"ErrorInfo", "Progress", "ErrorResponse"} <= set(schema["components"]["schemas"])
+
+
+async def test_stats_show_counts_and_each_queue() -> None:
+    manager = BackgroundTaskManager(max_concurrency=2, queues={"q": 1})
+    gate = anyio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    async with serve(make_app(manager)) as client:
+        first = await manager.submit(wait, queue="q")
+        second = await manager.submit(wait, queue="q")
+        locked = [await manager.submit(wait, lock="L") for _ in range(2)]
+        await anyio.sleep(0.05)
+        body = (await client.get("/tasks/stats")).json()
+        gate.set()
+        for handle in [first, second, *locked]:
+            await handle
+    assert body["running"] == 2
+    assert body["queues"]["q"] == {
+        "running": 1, "ready": 0, "waiting_on_limit": 1, "waiting_on_lock": 0,
+    }  # fmt: skip
+    assert body["queues"]["default"] == {
+        "running": 1, "ready": 0, "waiting_on_limit": 0, "waiting_on_lock": 1,
+    }  # fmt: skip

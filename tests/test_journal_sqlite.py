@@ -137,9 +137,13 @@ async def test_schema_on_disk(journal: SQLiteJournal, tmp_path: Path) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         assert meta["schema_version"] == SCHEMA_VERSION
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"tasks_rev", "tasks_status", "tasks_live_key", "tasks_finished"} <= indexes
+        assert {
+            "tasks_rev", "tasks_status", "tasks_live_key", "tasks_finished",
+            "tasks_shared_running", "tasks_lock", "starts_queue_at",
+        } <= indexes  # fmt: skip
         columns = [r[1] for r in conn.execute("PRAGMA table_info(tasks)")]
-        assert columns[-2:] == ["rev", "writer"]
+        # version 1's columns, then those migration 2 added (ALTER TABLE appends)
+        assert columns[-5:] == ["rev", "writer", "lock", "partition", "shared"]
         history = [r[1] for r in conn.execute("PRAGMA table_info(history)")]
         assert history == [
             "task_id", "seq", "source", "target", "attempt", "at", "owner", "error_json",

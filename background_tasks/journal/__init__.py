@@ -11,6 +11,7 @@ so nothing here imports it, and ``background_tasks.postgres`` re-exports it.
 from ._protocol import BatchingJournal as BatchingJournal
 from ._protocol import Change as Change
 from ._protocol import ClaimingJournal as ClaimingJournal
+from ._protocol import ClaimLimits as ClaimLimits
 from ._protocol import ClockedJournal as ClockedJournal
 from ._protocol import InspectableJournal as InspectableJournal
 from ._protocol import Journal as Journal
@@ -21,6 +22,7 @@ from ._protocol import TaskRow as TaskRow
 __all__ = (
     "BatchingJournal",
     "Change",
+    "ClaimLimits",
     "ClaimingJournal",
     "ClockedJournal",
     "InspectableJournal",

@@ -29,8 +29,8 @@ from .._models import TransitionRecord
 from .._states import TaskStatus
 
 __all__ = [
-    "BatchingJournal", "Change", "ClaimingJournal", "ClockedJournal", "InspectableJournal",
-    "Journal",
+    "BatchingJournal", "Change", "ClaimLimits", "ClaimingJournal", "ClockedJournal",
+    "InspectableJournal", "Journal",
     "LivenessJournal", "NotifyingJournal", "TaskRow",
 ]  # fmt: skip
 
@@ -62,6 +62,51 @@ class TaskRow:
     lease_until: float | None = None
     cancel_requested: bool = False
     version: int = 0  # bumped by every applied Change; the optimistic-concurrency token
+    lock: str | None = None  # one RUNNING row per lock at most (submit(lock=))
+    partition: str | None = None  # its partition of a per_partition queue
+    shared: bool = False  # its queue's limits hold journal-wide: its RUNNING row counts
+
+
+@dataclass(slots=True)
+class ClaimLimits:
+    """What a claim (PENDING/RETRYING -> RUNNING) must also respect, counted by the
+    journal in the same transaction as the claim, so that no two managers can both pass
+    a check and then both claim. Each condition is set or not (None):
+
+    * ``limit``: fewer than ``limit`` RUNNING rows of ``queue`` with ``shared`` set;
+    * ``per_partition``: fewer than that many of those in ``partition`` (NULL is a
+      partition of its own);
+    * ``lock``: no RUNNING row with this lock, and no PENDING or RETRYING row of it due
+      by ``Change.at`` that comes first (higher priority, or equal priority and a smaller
+      id) than the claimed row, whose ``priority`` this is;
+    * ``rate``: fewer than ``rate`` starts of ``queue`` recorded after ``Change.at -
+      period``; a claim that applies records its own start at ``Change.at`` (and may
+      forget starts older than the window).
+
+    When the row was still at the expected version and status but a condition failed,
+    the journal leaves the row alone, ``apply`` returns False and the journal sets
+    ``refused`` to the first condition that failed, in this order: "lock", "limit",
+    "partition", "rate". It stays None when the row itself had moved on.
+    """
+
+    queue: str
+    limit: int | None = None
+    partition: str | None = None
+    per_partition: int | None = None
+    lock: str | None = None
+    priority: int = 0
+    rate: int | None = None
+    period: float = 0.0
+    refused: str | None = None
+
+    def shape(self) -> tuple[bool, bool, bool, bool]:
+        """Which conditions are set: (lock, limit, partition, rate)."""
+        return (
+            self.lock is not None,
+            self.limit is not None,
+            self.per_partition is not None,
+            self.rate is not None,
+        )
 
 
 @dataclass(slots=True)
@@ -76,6 +121,9 @@ class Change:
     be before it (a NULL lease is not). A takeover of an expired lease sets it to the time
     it found the lease expired, so that it cannot win against the owner's heartbeat
     renewing the lease meanwhile (``renew`` bumps no version).
+
+    ``limits``, set only on a claim of flow-controlled work (a lock, a shared queue), is
+    what the claim must also respect (``ClaimLimits``); None costs a plain claim nothing.
     """
 
     task_id: str
@@ -87,6 +135,7 @@ class Change:
     owner: str | None
     fields: dict[str, Any] = field(default_factory=dict)
     lease_before: float | None = None
+    limits: ClaimLimits | None = None
 
 
 @runtime_checkable
@@ -256,6 +305,12 @@ class InspectableJournal(Journal, Protocol):
 
     async def oldest(self, status: TaskStatus) -> TaskRow | None:
         """The earliest created task in ``status`` (ids sort by creation); None if none."""
+
+    async def waiting_by_queue(self, now: float) -> dict[str, tuple[int, int]]:
+        """Per queue, its PENDING and RETRYING tasks due by ``now``: (those waiting for a
+        worker or a limit, those waiting on a lock). A task waits on a lock while a
+        RUNNING task holds it or a due task of the lock comes first (higher priority, or
+        equal and older). Only queues with such tasks are keys."""
 
 
 @runtime_checkable

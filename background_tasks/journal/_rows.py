@@ -103,6 +103,8 @@ def new_row(task: Task) -> TaskRow:
         created_at=task.created_at,
         scheduled_at=task.scheduled_at,
         options_json=_options_json(task.timeout, task.retry),
+        lock=task.lock,
+        partition=task.partition,
     )
 
 
@@ -301,4 +303,8 @@ def task_from_row(
     task.recoveries = row.recoveries
     task.version = row.version
     task.started_at, task.finished_at = row.started_at, row.finished_at
+    if row.lock is not None:
+        task.lock = row.lock
+    if row.partition is not None:
+        task.partition = row.partition
     return task

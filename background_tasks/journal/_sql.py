@@ -34,7 +34,7 @@ from .._errors import JournalError
 from .._models import ErrorInfo, TransitionRecord, utc
 from .._states import TaskStatus
 from ._group_commit import purge_in_steps
-from ._protocol import TaskRow
+from ._protocol import ClaimLimits, TaskRow
 
 __all__ = [
     "CLEARS_CANCEL",
@@ -57,9 +57,11 @@ __all__ = [
     "check_schema",
     "check_seconds",
     "close_all",
+    "limit_conditions",
     "not_open",
     "row_values",
     "to_row",
+    "waiting_by_queue_sql",
 ]  # fmt: skip
 
 P, R, Y = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
@@ -91,6 +93,7 @@ def to_row(r: Sequence[Any]) -> TaskRow:
     return TaskRow(
         r[0], r[1], r[2], STATUS[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
         r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19], r[20], bool(r[21]), r[22],
+        r[23], r[24], bool(r[25]),
     )  # fmt: skip
 
 
@@ -332,3 +335,78 @@ class SQLJournal:
         """The earliest created task in ``status`` (ids sort by creation); None if none."""
         found = await self._fetch(self._sql["oldest"], (TaskStatus(status).value,))
         return to_row(found[0]) if found else None
+
+    async def waiting_by_queue(self, now: float) -> dict[str, tuple[int, int]]:
+        """Per queue, due waiting tasks: (for a worker or a limit, on a lock). Reads
+        every waiting row, like ``counts_by_queue``."""
+        rows = await self._fetch(self._sql["waiting_by_queue"], (now, now))
+        return {queue: (int(free), int(locked)) for queue, free, locked in rows}
+
+
+# --------------------------------------------------------------------------- flow control
+
+
+def waiting_by_queue_sql(tasks: str, mark: str) -> str:
+    """``waiting_by_queue``'s statement (parameters: now, now)."""
+    waiting = "('pending', 'retrying')"
+    locked = (
+        f"t.lock IS NOT NULL AND (EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = t.lock"
+        f" AND o.status = 'running') OR EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = t.lock"
+        f" AND o.status IN {waiting} AND o.scheduled_at <= {mark}"
+        " AND (o.priority > t.priority OR (o.priority = t.priority AND o.id < t.id))))"
+    )
+    return (
+        f"SELECT queue, sum(CASE WHEN locked THEN 0 ELSE 1 END),"
+        f" sum(CASE WHEN locked THEN 1 ELSE 0 END) FROM (SELECT t.queue AS queue,"
+        f" ({locked}) AS locked FROM {tasks} t WHERE t.status IN {waiting}"
+        f" AND t.scheduled_at <= {mark}) w GROUP BY queue"
+    )
+
+
+def limit_conditions(
+    limits: ClaimLimits,
+    task_id: str,
+    at: float,
+    *,
+    tasks: str,
+    starts: str,
+    mark: str,
+    true: str,
+    same: str,
+) -> list[tuple[str, str, list[Any]]]:
+    """The conditions of a claim's ``ClaimLimits``, in the order ``refused`` reports
+    them: (reason, SQL that must be true, its parameters). ``tasks`` and ``starts`` are
+    the tables, ``true`` the dialect's true, ``same`` its NULL-safe equality."""
+    m = mark
+    out: list[tuple[str, str, list[Any]]] = []
+    if limits.lock is not None:
+        p = limits.priority
+        out.append((
+            "lock",
+            f"NOT EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = {m} AND o.status = 'running')"
+            f" AND NOT EXISTS (SELECT 1 FROM {tasks} o WHERE o.lock = {m}"
+            f" AND o.status IN ('pending', 'retrying') AND o.scheduled_at <= {m}"
+            f" AND (o.priority > {m} OR (o.priority = {m} AND o.id < {m})))",
+            [limits.lock, limits.lock, at, p, p, task_id],
+        ))  # fmt: skip
+    running = f"o.shared = {true} AND o.status = 'running'"
+    if limits.limit is not None:
+        out.append((
+            "limit",
+            f"(SELECT count(*) FROM {tasks} o WHERE o.queue = {m} AND {running}) < {m}",
+            [limits.queue, limits.limit],
+        ))  # fmt: skip
+    if limits.per_partition is not None:
+        out.append((
+            "partition",
+            f"(SELECT count(*) FROM {tasks} o WHERE o.queue = {m} AND o.partition {same} {m}"
+            f" AND {running}) < {m}",
+            [limits.queue, limits.partition, limits.per_partition],
+        ))  # fmt: skip
+    if limits.rate is not None:
+        out.append((
+            "rate",
+            f"(SELECT count(*) FROM {starts} s WHERE s.queue = {m} AND s.at > {m}) < {m}",
+            [limits.queue, at - limits.period, limits.rate],
+        ))  # fmt: skip
+    return out

@@ -103,11 +103,13 @@ from .._protocol import (
 )
 from .._sql import (
     CLEARS_CANCEL,
+    COLUMNS,
     Op,
     SQLJournal,
     check_fields,
     check_seconds,
     close_all,
+    limit_conditions,
     not_open,
     to_row,
 )
@@ -116,8 +118,10 @@ from ._ops import (
     OPS,
     _Apply,
     _Insert,
+    _LimitedApply,
     _Op,
     _Tx,
+    advisory_key,
 )
 from ._schema import (
     _COLS,
@@ -467,6 +471,7 @@ class PostgresJournal(
             try:
                 with conn.pipeline() if pipelined else contextlib.nullcontext() as pipe:
                     conn.execute("BEGIN")
+                    self._lock_counts(conn, ops)
                     for op in ops:
                         op.result = op.run(tx)
                     tx.flush()
@@ -481,6 +486,7 @@ class PostgresJournal(
             self.commits += 1
             return True
         conn.execute("BEGIN")
+        self._lock_counts(conn, ops)
         for op in ops:
             conn.execute("SAVEPOINT op")
             touched = len(tx.touched)
@@ -500,6 +506,14 @@ class PostgresJournal(
             self._commit(conn, tx)
         self.commits += 1
         return True
+
+    @staticmethod
+    def _lock_counts(conn: psycopg.Connection[Any], ops: list[_Op]) -> None:
+        """First in a transaction with counted claims: their advisory locks, in one
+        order for every manager (no deadlock), held until the commit."""
+        keys = sorted({k for op in ops if isinstance(op, _LimitedApply) for k in op.keys})
+        for key in keys:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
 
     def _commit(self, conn: psycopg.Connection[Any], tx: _Tx) -> None:
         if tx.touched:
@@ -528,6 +542,8 @@ class PostgresJournal(
         return result
 
     async def apply(self, change: Change) -> bool:
+        if change.limits is not None:
+            return await self._apply_limited(change)
         fields = change.fields
         names = tuple(fields)
         clear = change.target in CLEARS_CANCEL and "cancel_requested" not in fields
@@ -550,6 +566,64 @@ class PostgresJournal(
             )
             self._sql_cache[key] = sql
         result: TaskRow | None = await self._write(_Apply(change, sql, list(fields.values())))
+        return result is not None
+
+    async def _apply_limited(self, change: Change) -> bool:
+        """A claim with ``ClaimLimits``: one statement that claims only if the limits
+        hold, records a rate's start, and otherwise says which limit refused it."""
+        fields, limits, c = change.fields, change.limits, change
+        assert limits is not None
+        check_fields(tuple(fields))
+        t, s = f'"{self.schema}".tasks', f'"{self.schema}".starts'
+        conditions = limit_conditions(
+            limits, c.task_id, c.at, tasks=t, starts=s, mark="%s", true="true",
+            same="IS NOT DISTINCT FROM",
+        )  # fmt: skip
+        clear = c.target in CLEARS_CANCEL and "cancel_requested" not in fields
+        sets = "".join(f", {n} = %s" for n in fields)
+        lease = c.lease_before is not None
+        where = "".join(f" AND {cond}" for _, cond, _ in conditions)
+        whens = "".join(f" WHEN NOT ({cond}) THEN '{why}'" for why, cond, _ in conditions)
+        cond_params = [p for _, _, values in conditions for p in values]
+        source = c.source.value
+        rate = limits.rate is not None
+        sql = (
+            f"WITH u AS (UPDATE {t} SET status = %s, version = version + 1, writer = %s{sets}"
+            + (", cancel_requested = false" if clear else "")
+            + " WHERE id = %s AND version = %s AND status = %s"
+            + (" AND lease_until < %s" if lease else "")
+            + f"{where} RETURNING {_COLS}),"
+            f' h AS (INSERT INTO "{self.schema}".history SELECT id, version, %s, status,'
+            f" %s, %s, %s, %s FROM u{_HISTORY_CONFLICT})"
+            + (
+                f", r AS (INSERT INTO {s} (queue, at) SELECT %s, %s FROM u),"
+                f" d AS (DELETE FROM {s} WHERE queue = %s AND at <= %s)"
+                if rate
+                else ""
+            )
+            + f" SELECT {_COLS}, NULL::text FROM u UNION ALL"
+            + f" SELECT {', '.join('t.' + n for n in COLUMNS)}, CASE{whens} ELSE 'race' END"
+            f" FROM {t} t WHERE t.id = %s AND t.version = %s AND t.status = %s"
+            " AND NOT EXISTS (SELECT 1 FROM u)"
+        )
+        params: list[Any] = [c.target.value, self._owner, *fields.values(), c.task_id, c.version]
+        params.append(source)
+        if lease:
+            params.append(c.lease_before)
+        params += cond_params
+        params += [source, c.attempt, c.at, c.owner, fields.get("error_json")]
+        if rate:
+            params += [limits.queue, c.at, limits.queue, c.at - limits.period]
+        params += cond_params
+        params += [c.task_id, c.version, source]
+        keys = []
+        if limits.lock is not None:
+            keys.append(advisory_key(self.schema, "lock", limits.lock))
+        if limits.limit is not None or rate:
+            keys.append(advisory_key(self.schema, "queue", limits.queue))
+        elif limits.per_partition is not None:
+            keys.append(advisory_key(self.schema, f"partition:{limits.queue}", limits.partition))
+        result: TaskRow | None = await self._write(_LimitedApply(change, sql, params, keys))
         return result is not None
 
     # ------------------------------------------------------------------ reading

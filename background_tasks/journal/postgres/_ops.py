@@ -4,6 +4,7 @@ worker thread by ``run`` against the batch's transaction (``_Tx``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -160,6 +161,49 @@ class _Apply(_Op):
             return None
         tx.touched.append(self.change.task_id)
         return to_row(found)
+
+
+class _LimitedApply(_Apply):
+    """A claim with ``Change.limits``: the statement counts what the limits count and,
+    if it did not apply while the row was still as expected, returns the row with the
+    first condition that failed (its last column). ``keys`` are the advisory locks the
+    batch takes first (in one order for every manager), so that no two transactions
+    count at once: under READ COMMITTED each would count without the other's claim."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, change: Change, sql: str, params: list[Any], keys: list[int]) -> None:
+        super().__init__(change, sql, params)
+        self.keys = keys
+
+    def run(self, tx: _Tx) -> TaskRow | None:
+        tx.flush()
+        assert self.change.limits is not None
+        self.change.limits.refused = None
+        if tx.pending is not None:
+            cur = tx.cur.connection.cursor()
+            cur.execute(self.sql, self.params)
+            tx.pending.append((self, cur))
+            return None
+        return self.done(tx, tx.cur.execute(self.sql, self.params).fetchone())
+
+    def done(self, tx: _Tx, found: Sequence[Any] | None) -> TaskRow | None:
+        if found is None:
+            return None
+        why = found[-1]
+        if why is not None:  # not applied; the row still as expected
+            if why != "race":
+                assert self.change.limits is not None
+                self.change.limits.refused = why
+            return None
+        tx.touched.append(self.change.task_id)
+        return to_row(found)
+
+
+def advisory_key(schema: str, kind: str, name: str | None) -> int:
+    """A 64-bit advisory lock key for one queue, partition or lock of one schema."""
+    digest = hashlib.blake2b(f"{schema}\0{kind}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class _RequestCancel(_Op, RequestCancel):

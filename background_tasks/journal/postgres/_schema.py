@@ -14,7 +14,14 @@ from typing import Any, Final
 
 import psycopg
 
-from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
+from .._sql import (
+    COLUMNS,
+    HISTORY_SELECT,
+    LIVE_SQL,
+    TERMINAL_SQL,
+    check_schema,
+    waiting_by_queue_sql,
+)
 
 __all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "prepare", "statements"]
 
@@ -75,6 +82,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             error_json text,
             PRIMARY KEY (task_id, seq)
         )""",
+    ),
+    # 1 -> 2, flow control (see the SQLite journal's migration 2).
+    (
+        "ALTER TABLE @.tasks ADD COLUMN lock text",
+        "ALTER TABLE @.tasks ADD COLUMN partition text",
+        "ALTER TABLE @.tasks ADD COLUMN shared boolean NOT NULL DEFAULT false",
+        "CREATE INDEX tasks_shared_running ON @.tasks (queue, partition)"
+        " WHERE shared AND status = 'running'",
+        "CREATE INDEX tasks_lock ON @.tasks (lock, status, priority, id) WHERE lock IS NOT NULL",
+        "CREATE TABLE @.starts (queue text NOT NULL, at double precision NOT NULL)",
+        "CREATE INDEX starts_queue_at ON @.starts (queue, at)",
     ),
 )
 
@@ -137,6 +155,7 @@ def statements(s: str) -> dict[str, str]:
         "finished_since": "SELECT status, count(*) FROM @.tasks"
         f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",
         "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
+        "waiting_by_queue": waiting_by_queue_sql("@.tasks", "%s"),
     }
     insert_keyed = sql["insert"] + (
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {LIVE_SQL} DO NOTHING"

@@ -45,12 +45,15 @@ _NULL_AS: Final[dict[str, int | str]] = {
     "progress_json": 0,
     "owner": 0,
     "lease_until": "",
+    "lock": 0,
+    "partition": 0,
     # history
     "source": 0,
 }
 #: (index in a TaskRow's values, stand-in) for its nullable columns.
 _ROW_NULLS: Final = tuple((i, _NULL_AS[c]) for i, c in enumerate(COLUMNS) if c in _NULL_AS)
 _CANCEL_INDEX: Final = COLUMNS.index("cancel_requested")
+_SHARED_INDEX: Final = COLUMNS.index("shared")
 
 
 def _bound(column: str, value: str) -> str:
@@ -114,6 +117,9 @@ _CLAIMED: Final[dict[str, Any]] = {
     "progress_json": None,
     "cancel_requested": False,
     "version": 1,
+    "lock": None,  # flow-controlled tasks are never claimed as submitted
+    "partition": None,
+    "shared": False,
 }
 assert set(_CLAIM_FIELDS) | set(_CLAIMED) == set(COLUMNS)
 

@@ -21,10 +21,20 @@ from .._sql import (
     Renew,
     RequestCancel,
     SetProgress,
+    limit_conditions,
     row_values,
     to_row,
 )
-from ._batch import _AT_FIELDS, _CANCEL_INDEX, _INSERT, _ROW_NULLS, _claim_values, _Shape, _Writer
+from ._batch import (
+    _AT_FIELDS,
+    _CANCEL_INDEX,
+    _INSERT,
+    _ROW_NULLS,
+    _SHARED_INDEX,
+    _claim_values,
+    _Shape,
+    _Writer,
+)
 from ._schema import _LIVE_KEY, _RETURNING
 
 
@@ -69,6 +79,7 @@ class _Insert(_Op):
         values = list(row_values(row))
         values[STATUS_INDEX] = row.status.value
         values[_CANCEL_INDEX] = int(row.cancel_requested)
+        values[_SHARED_INDEX] = int(row.shared)
         for i, null in _ROW_NULLS:
             if values[i] is None:
                 values[i] = null
@@ -126,8 +137,10 @@ class _Apply(_Op):
         return (c.task_id, c.version + 1, shape.source, shape.target, c.attempt, c.at, owner, error)
 
     def add(self, w: _Writer) -> None:
-        # A change with lease_before (a takeover, rare) runs by itself.
-        if self.change.lease_before is None and not w.alone(self.change.task_id):
+        # A change with lease_before (a takeover, rare) or limits (a flow-controlled
+        # claim, counted against the rows as this batch left them) runs by itself.
+        c = self.change
+        if c.lease_before is None and c.limits is None and not w.alone(c.task_id):
             group = w.groups.get(self.shape)
             if group is None:
                 w.groups[self.shape] = [self]
@@ -143,6 +156,15 @@ class _Apply(_Op):
         sql = self.shape.sql
         if c.lease_before is not None:
             params, sql = (*params, c.lease_before), self.shape.lease_sql
+        conditions = None
+        if c.limits is not None:
+            c.limits.refused = None
+            conditions = limit_conditions(
+                c.limits, c.task_id, c.at, tasks="tasks", starts="starts", mark="?",
+                true="1", same="IS",
+            )  # fmt: skip
+            sql += "".join(f" AND {cond}" for _, cond, _ in conditions)
+            params = (*params, *(p for _, _, values in conditions for p in values))
         try:
             applied = w.conn.execute(sql, params).rowcount > 0
         except sqlite3.IntegrityError as exc:
@@ -156,7 +178,33 @@ class _Apply(_Op):
             raise
         if applied:
             w.history.append(self.history())
+        if conditions is not None:
+            self._limited(w, applied, conditions)
         return applied
+
+    def _limited(self, w: _Writer, applied: bool, conditions: list[tuple[str, str, Any]]) -> None:
+        """After a claim with limits: record its start (a rate), or say what refused it."""
+        c = self.change
+        limits = c.limits
+        assert limits is not None
+        if applied:
+            if limits.rate is not None:
+                w.conn.execute("INSERT INTO starts (queue, at) VALUES (?, ?)", (limits.queue, c.at))
+                w.conn.execute(
+                    "DELETE FROM starts WHERE queue = ? AND at <= ?",
+                    (limits.queue, c.at - limits.period),
+                )
+            return
+        still = w.conn.execute(
+            "SELECT 1 FROM tasks WHERE id = ? AND version = ? AND status = ?",
+            (c.task_id, c.version, self.shape.source),
+        ).fetchone()
+        if still is None:
+            return  # the row moved on: lost, not refused
+        for reason, condition, values in conditions:
+            if not w.conn.execute(f"SELECT {condition}", values).fetchone()[0]:
+                limits.refused = reason
+                return
 
 
 class _ApplySoon(_Apply):

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Final
 
 from ..._errors import JournalError
-from .._sql import COLUMNS, HISTORY_SELECT, LIVE_SQL, TERMINAL_SQL, check_schema
+from .._sql import (
+    COLUMNS,
+    HISTORY_SELECT,
+    LIVE_SQL,
+    TERMINAL_SQL,
+    check_schema,
+    waiting_by_queue_sql,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "prepare"]
 
@@ -68,6 +75,19 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (task_id, seq)
         ) WITHOUT ROWID""",
     ),
+    # 1 -> 2, flow control: a task's lock and partition, whether its queue's limits are
+    # journal-wide, the recent starts of rate-limited shared queues. The indexes hold
+    # only flow-controlled rows (partial), so a plain task's writes never touch them.
+    (
+        "ALTER TABLE tasks ADD COLUMN lock TEXT",
+        "ALTER TABLE tasks ADD COLUMN partition TEXT",
+        "ALTER TABLE tasks ADD COLUMN shared INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_shared_running ON tasks (queue, partition)"
+        " WHERE shared = 1 AND status = 'running'",
+        "CREATE INDEX tasks_lock ON tasks (lock, status, priority, id) WHERE lock IS NOT NULL",
+        "CREATE TABLE starts (queue TEXT NOT NULL, at REAL NOT NULL)",
+        "CREATE INDEX starts_queue_at ON starts (queue, at)",
+    ),
 )
 
 #: The schema version this code writes; a journal with a newer one is refused at open.
@@ -103,6 +123,7 @@ _SQL: Final = {
     f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {TERMINAL_SQL}"
     " GROUP BY status",
     "oldest": _SELECT + " WHERE status = ? ORDER BY id LIMIT 1",
+    "waiting_by_queue": waiting_by_queue_sql("tasks", "?"),
 }
 
 #: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
