@@ -34,14 +34,13 @@ are not on the clock: they are real time, whatever the clock says.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
 
-__all__ = ["HEARTBEAT", "UPKEEP", "WORK", "Alarm", "Clock", "SystemClock", "due", "system_clock"]
+__all__ = ["HEARTBEAT", "UPKEEP", "WORK", "Alarm", "Clock", "SystemClock", "system_clock"]
 
 #: The phases of ``Clock.alarm``: on a test clock's jump, lower phases react first.
 HEARTBEAT, UPKEEP, WORK = 0, 1, 2
@@ -142,10 +141,3 @@ class SystemClock:
 
 #: the default clock of every manager (it holds no state: one is enough)
 system_clock = SystemClock()
-
-
-def due(clock: Clock, at: float) -> float:
-    """The monotonic deadline of epoch time ``at`` on ``clock`` (math.inf stays math.inf)."""
-    if at == math.inf:
-        return math.inf
-    return clock.monotonic() + (at - clock.time())

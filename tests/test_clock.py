@@ -472,3 +472,57 @@ async def test_a_dead_owners_task_is_taken_over_once_its_lease_ends_on_the_clock
     assert record is not None
     assert record.recoveries == 1
     assert record.finished_at == at(31)
+
+
+# ------------------------------------------------------------------ alarms, in detail
+
+
+async def test_system_alarms() -> None:
+    alarm = system_clock.alarm()
+    alarm.wake()  # before a wait: the next wait returns at once
+    with anyio.fail_after(1):
+        await alarm.wait(math.inf)
+    with anyio.fail_after(1):
+        await alarm.wait(system_clock.monotonic() + 0.01)  # its deadline
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(alarm.wait, math.inf)
+        await anyio.wait_all_tasks_blocked()
+        alarm.wake()  # during a wait
+    alarm.close()
+    await system_clock.sleep(0)
+
+
+async def test_fake_alarm_corners() -> None:
+    clock = FakeClock(START)
+    alarm = clock.alarm()
+    await alarm.wait(0)  # due already: the loop reacts at once ...
+    assert clock._reacting == 1
+    alarm.wake()  # ... and a wake meanwhile makes its next wait return at once
+    with anyio.fail_after(1):
+        await alarm.wait(math.inf)
+    assert clock._reacting == 0
+    alarm.close()
+    with anyio.CancelScope() as scope:
+        clock.cancel_at(scope, 0)  # a deadline already past cancels at once
+        await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    await clock.sleep(0)
+    assert clock.monotonic() == 0
+
+
+async def test_advance_waits_for_an_automatic_jump_in_progress() -> None:
+    clock = FakeClock(START, autojump=True)
+    manager = BackgroundTaskManager(clock=clock)
+    ran: list[float] = []
+
+    async def job() -> None:
+        ran.append(clock.monotonic())
+
+    async with manager, anyio.create_task_group() as tg:
+        for n in range(1, 21):
+            await manager.submit(job, delay=n)
+        for _ in range(20):  # interleaved with the automatic jumps
+            tg.start_soon(clock.advance, 0.5)
+        await manager.join(timeout=10)
+    assert len(ran) == 20
+    assert ran == sorted(ran)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -142,3 +143,22 @@ async def test_tasks_run_between_enter_and_exit_in_different_tasks(tmp_path: Pat
     gate.set()
     await handle
     await asyncio.create_task(manager.aclose())
+
+
+class _BuggyJournal(SQLiteJournal):
+    """A third-party journal with a bug in one verb (not a JournalError)."""
+
+    async def changes(self, since: int, exclude_owner: str) -> tuple[list[Any], int]:
+        raise ZeroDivisionError("a bug in the journal")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_crash_in_the_managers_tasks_is_raised_at_exit(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    manager = BackgroundTaskManager(journal=_BuggyJournal(tmp_path / "t.db"))
+    with pytest.raises(ExceptionGroup) as raised:
+        async with manager:
+            await anyio.sleep(0.2)  # on trio the crash cancels this; asyncio lets it end
+    assert raised.group_contains(ZeroDivisionError)
+    assert not manager.running
