@@ -34,7 +34,6 @@ are not on the clock: they are real time, whatever the clock says.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
@@ -50,7 +49,6 @@ __all__ = [
     "Clock",
     "JournalClock",
     "SystemClock",
-    "due",
     "system_clock",
 ]
 
@@ -153,13 +151,6 @@ class SystemClock:
 
 #: the default clock of every manager (it holds no state: one is enough)
 system_clock = SystemClock()
-
-
-def due(clock: Clock, at: float) -> float:
-    """The monotonic deadline of epoch time ``at`` on ``clock`` (math.inf stays math.inf)."""
-    if at == math.inf:
-        return math.inf
-    return clock.monotonic() + (at - clock.time())
 
 
 class JournalClock:

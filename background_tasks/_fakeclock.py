@@ -165,12 +165,14 @@ class FakeClock:
 
     ``FakeClock()`` starts at the real time (or at ``start``: epoch seconds or an aware
     datetime) and then is frozen. ``await clock.advance(seconds)`` moves it and returns
-    once the manager has reacted to the new time: due tasks handed to the workers,
-    attempts past their timeout cancelled, leases renewed (it does not wait for those
-    tasks to finish). ``FakeClock(autojump=True)`` also jumps to the next moment
-    something is due whenever nothing is going on (no attempt running, no journal call
-    in flight, the event loop idle). A running attempt holds the clock: autojump never
-    cuts one short by jumping past its timeout; ``advance`` does.
+    once the manager has reacted to the new time: due tasks taken by the free workers,
+    attempts past their timeout cancelled, leases renewed. It does not wait for those
+    tasks to finish (in memory, one that ends without awaiting anything has ended; with
+    a journal, its claim may still be being written). ``FakeClock(autojump=True)``
+    also jumps to the next moment something is due whenever nothing is going on (no
+    attempt running, no journal call in flight, the event loop idle). A running attempt
+    holds the clock: autojump never cuts one short by jumping past its timeout;
+    ``advance`` does.
 
     The waits of the caller stay real time: ``join(timeout=)``, ``handle.result(
     timeout=)``, ``shutdown_timeout``, and how often a journal is polled for what other
@@ -201,7 +203,8 @@ class FakeClock:
         self._jumped: anyio.Event | None = None
         self._pushed: anyio.Event | None = None
         self._autojump = autojump
-        self._probes: list[Callable[[], bool]] = []
+        self._probes: list[Callable[[], bool]] = []  # each manager's "nothing going on"
+        self._waiting: list[Callable[[], bool]] = []  # each manager's "work not taken yet"
         self._driving = False
         self._driver_gone: anyio.Event | None = None
 
@@ -271,6 +274,7 @@ class FakeClock:
     async def _jump(self, target: float) -> None:
         self._jumping = True
         try:
+            await self._hand_over()  # what is ready now starts now, not after the jump
             self._now = max(self._now, target)
             rang = True
             while rang:
@@ -287,14 +291,20 @@ class FakeClock:
                     while self._reacting:
                         event = self._settled = anyio.Event()
                         await event.wait()
-            # Let the workers the timer woke take their tasks.
-            for _ in range(3):
-                await anyio.lowlevel.checkpoint()
+            await self._hand_over()
         finally:
             self._jumping = False
             if self._jumped is not None:
                 self._jumped.set()
                 self._jumped = None
+
+    async def _hand_over(self) -> None:
+        """Let the workers take the tasks that are ready (a queue whose workers are all
+        busy keeps its tasks: look a bounded number of times)."""
+        for _ in range(100):
+            await anyio.lowlevel.checkpoint()
+            if not any(waiting() for waiting in self._waiting):
+                break
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -320,16 +330,16 @@ class FakeClock:
 
     # ------------------------------------------------------------ autojump
 
-    async def drive(self, idle: Callable[[], bool]) -> None:
-        """Run beside a manager that uses this clock (the manager starts it); ``idle``
-        says whether that manager has nothing running or ready to start. One of the
-        managers on the clock does the automatic jumps."""
-        if not self._autojump:
-            return
+    async def drive(self, idle: Callable[[], bool], waiting: Callable[[], bool]) -> None:
+        """Run beside a manager that uses this clock (the manager starts it, and its exit
+        ends it). ``idle``: the manager has nothing running or ready to start;
+        ``waiting``: it has ready work no worker took yet. One of the managers on an
+        auto-jumping clock does the jumps."""
+        self._waiting.append(waiting)
         self._probes.append(idle)
         try:
             while True:
-                if not self._driving:
+                if self._autojump and not self._driving:
                     self._driving = True
                     try:
                         await self._autojump_loop()
@@ -342,6 +352,7 @@ class FakeClock:
                 await event.wait()
         finally:
             self._probes.remove(idle)
+            self._waiting.remove(waiting)
 
     async def _autojump_loop(self) -> None:
         on_trio = _on_trio()

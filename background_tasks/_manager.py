@@ -390,7 +390,7 @@ class BackgroundTaskManager:
         try:
             if sync is not None:
                 await sync.recover()
-                tg.start_soon(sync.serve)
+                await tg.start(sync.serve)
         except BaseException:
             self._outcomes.live = False
             await self._host.close()
@@ -402,7 +402,7 @@ class BackgroundTaskManager:
             self._workers_started = 0
             for _ in range(self.max_concurrency):
                 tg.start_soon(self._worker)
-            tg.start_soon(self._dispatch.timer)
+            await tg.start(self._dispatch.timer)
             # Return once each worker took work or waits for it, so a first submit finds
             # them idle.
             while self._workers_started < self.max_concurrency:
@@ -410,9 +410,9 @@ class BackgroundTaskManager:
         else:  # submit and watch only: the journal's other managers run the tasks
             self._workers_left = 0
             self._workers_done.set()
-        drive = getattr(self.clock, "drive", None)  # a test clock's own task (autojump)
+        drive = getattr(self.clock, "drive", None)  # a test clock's own task (FakeClock)
         if drive is not None:
-            tg.start_soon(drive, self._quiet)
+            tg.start_soon(drive, self._quiet, self._untaken)
         self._phase = _Phase.RUNNING
         return self
 
@@ -544,6 +544,10 @@ class BackgroundTaskManager:
         return (
             not self._table.running and not self._dispatch.claimed and not self._queue.has_ready()
         )
+
+    def _untaken(self) -> bool:
+        """Work is ready here that no worker took yet (a test clock waits for it)."""
+        return bool(self._dispatch.claimed) or self._queue.has_ready()
 
     async def _worker(self) -> None:
         self._workers_started += 1

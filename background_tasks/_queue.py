@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio.abc
+
 from ._flow import Queue, monotonic
 from ._task import Task
 
@@ -658,10 +660,12 @@ class Dispatch:
         """A task claimed as it was submitted, for the worker reserved for it."""
         self.claimed.append(task)
 
-    async def timer(self) -> None:
-        """Move delayed tasks (delays, retry backoff) to the ready lanes when they are due."""
+    async def timer(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Move delayed tasks (delays, retry backoff) to the ready lanes when they are due.
+        Started once its alarm exists (a delayed submit from then on wakes it)."""
         queue, clock = self.ready, self.clock
         alarm = self._alarm = clock.alarm()
+        task_status.started()
         try:
             while True:
                 moved = queue.promote(clock.monotonic())

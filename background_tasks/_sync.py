@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
 from ._clock import HEARTBEAT, UPKEEP, JournalClock
 from ._errors import BackgroundTasksError
@@ -184,14 +185,16 @@ class JournalSync:
         for row in rows:
             self.take(row)
 
-    async def serve(self) -> None:
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """The heartbeat (every lease/3), the takeover of dead owners' tasks (every 0.5 s)
-        and of expired leases (every lease/2), and others' changes."""
+        and of expired leases (every lease/2), and others' changes. Started once the
+        loops did their first round and wait on the clock."""
         async with anyio.create_task_group() as tg:
             lease = self.journal.lease_timeout
-            tg.start_soon(self._every, self.renew, lease / 3, HEARTBEAT)
-            tg.start_soon(self._every, self.take_over_orphaned, _ORPHANS_EVERY, UPKEEP)
-            tg.start_soon(self._every, self.take_over_expired, lease / 2, UPKEEP)
+            await tg.start(self._every, self.renew, lease / 3, HEARTBEAT)
+            await tg.start(self._every, self.take_over_orphaned, _ORPHANS_EVERY, UPKEEP)
+            await tg.start(self._every, self.take_over_expired, lease / 2, UPKEEP)
+            task_status.started()
             await self._watch()
 
     async def renew(self) -> None:
@@ -203,22 +206,37 @@ class JournalSync:
         await self.journal.renew(writer.owner, lease_until, writer.unknown)
 
     async def _every(
-        self, step: Callable[[], Awaitable[None]], interval: float, phase: int
+        self,
+        step: Callable[[], Awaitable[None]],
+        interval: float,
+        phase: int,
+        *,
+        task_status: anyio.abc.TaskStatus[None],
     ) -> None:
         """``step`` every ``interval`` seconds of the clock (a failed one again after
         ``poll_interval``); ``phase`` orders it on a test clock's jump (``_clock``)."""
         clock = self.writer.clock
         alarm = clock.alarm(phase)
+        deadline = clock.monotonic()
+        started = False
         try:
             while True:
-                start = clock.monotonic()
                 try:
                     await step()
                     wait = interval
                 except BackgroundTasksError as exc:
                     log.error("journal_error", error=str(exc))
                     wait = min(interval, self.poll_interval)
-                await alarm.wait(start + wait)
+                # On a fixed cadence; a round missed (a long step, a test clock's jump) is
+                # not made up for: the next one is a full interval from now.
+                deadline += wait
+                now = clock.monotonic()
+                if deadline <= now:
+                    deadline = now + wait
+                if not started:
+                    started = True
+                    task_status.started()
+                await alarm.wait(deadline)
         finally:
             alarm.close()
 

@@ -1,4 +1,5 @@
-"""Every async test runs on asyncio and on trio, through anyio's pytest plugin."""
+"""Every async test runs on asyncio and on trio, through anyio's pytest plugin (the
+few written with pytest-asyncio, as an application's would be, say so)."""
 
 from __future__ import annotations
 
