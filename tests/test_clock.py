@@ -445,15 +445,21 @@ async def test_live_managers_keep_their_leases_across_a_jump(tmp_path: Path) -> 
         assert await handle == "mine"
 
 
-async def test_a_dead_owners_task_is_taken_over_once_its_lease_ends_on_the_clock(
+async def test_a_hung_owners_task_is_taken_over_once_its_lease_ends_on_the_clock(
     tmp_path: Path,
 ) -> None:
+    """An owner whose journal stays open (it looks alive: its OS lock is held) but that
+    no longer renews its lease: taken over once the lease has not changed for
+    lease_timeout on the manager's clock. (A dead owner is taken over at once.)"""
     path = tmp_path / "t.db"
     now = START.timestamp()
-    async with opened(SQLiteJournal(path), owner="dead-host:1:x") as dead:
-        row = await dead.insert(make_row(name="job", args_json="[]", kwargs_json="{}"))
-        assert await dead.apply(claim(row, "dead-host:1:x", lease=30, now=now))
+    async with opened(SQLiteJournal(path), owner="hung-host:1:x") as hung:
+        row = await hung.insert(make_row(name="job", args_json="[]", kwargs_json="{}"))
+        assert await hung.apply(claim(row, "hung-host:1:x", lease=30, now=now))
+        await _take_over_on_the_clock(path, row.id)
 
+
+async def _take_over_on_the_clock(path: Path, task_id: str) -> None:
     clock = FakeClock(START)
     manager = BackgroundTaskManager(clock=clock, journal=SQLiteJournal(path, lease_timeout=30))
 
@@ -461,14 +467,15 @@ async def test_a_dead_owners_task_is_taken_over_once_its_lease_ends_on_the_clock
     async def job() -> str:
         return "taken over"
 
+    row_id = task_id
     async with manager:
         await clock.advance(29)
-        record = await manager.get(row.id)
+        record = await manager.get(row_id)
         assert record is not None
         assert record.status is R
         await clock.advance(2)  # the takeover check reacted before advance returned
-        assert await manager.handle(row.id).result(timeout=10) == "taken over"
-        record = await manager.get(row.id)
+        assert await manager.handle(row_id).result(timeout=10) == "taken over"
+        record = await manager.get(row_id)
     assert record is not None
     assert record.recoveries == 1
     assert record.finished_at == at(31)
