@@ -82,6 +82,12 @@ class _Lane:
         return [t for lane in self.by_priority.values() for t in lane if t.seq >= 0]
 
 
+def _key(task: Task) -> int:
+    """(-priority, seq) as one int (seq < 2**52): heap entries then differ in their first
+    item, one comparison each."""
+    return task.seq - (task.priority << 52)
+
+
 class _Part(_Lane):
     """One partition of a ``_Gate`` with ``per_partition``."""
 
@@ -126,7 +132,8 @@ class _Gate(_Lane):
         self.starts: deque[float] = deque(maxlen=self.rate)  # the window: recent starts
         self.per_partition = config.per_partition
         self.parts: dict[str | None, _Part] | None = None if self.per_partition is None else {}
-        self.heap: list[tuple[int, int, int, _Part]] = []  # ready partitions
+        #: ready partitions: (key of the first task, its seq, the entry's token, partition)
+        self.heap: list[tuple[int, int, int, _Part]] = []
         self.running = 0
         self.held: Task | None = None  # parked after a journal-wide refusal: queue waits
         self.blocked_until = math.inf  # the rate window opens again then (timer knows)
@@ -141,15 +148,17 @@ class _Gate(_Lane):
         part = parts.get(task.partition)
         if part is None:
             part = parts[task.partition] = _Part(task.partition)
+        order = part.order
+        # It leads its partition if the partition was empty or it outranks every task
+        # there; otherwise the partition's entry (if it may start a task) stands.
+        leads = not order or task.priority > -order[0]
         part.push(task)
-        if part.held is None and part.running < self.per_partition:  # type: ignore[operator]
-            head = part.front()
-            if head is not None and head[0] is task:  # it leads its partition now
-                self._offer(part, task)
+        if leads and part.held is None and part.running < self.per_partition:  # type: ignore[operator]
+            self._offer(part, task)
 
     def _offer(self, part: _Part, head: Task) -> None:
         part.token += 1
-        heapq.heappush(self.heap, (-head.priority, head.seq, part.token, part))
+        heapq.heappush(self.heap, (_key(head), head.seq, part.token, part))
 
     def blocked(self) -> bool:
         """Whether the whole queue may start nothing now (held, at its limit, rate)."""
@@ -166,7 +175,9 @@ class _Gate(_Lane):
         return False
 
     def front(self) -> deque[Task] | None:
-        if self.blocked():
+        if self.held is not None or (self.limit is not None and self.running >= self.limit):
+            return None
+        if self.rate is not None and self.blocked():
             return None
         if self.parts is None:
             return _Lane.front(self)
@@ -176,7 +187,10 @@ class _Gate(_Lane):
             if token != part.token or part.held is not None or part.running >= per:  # type: ignore[operator]
                 heapq.heappop(heap)  # stale, or not ready: offered again when it is
                 continue
-            lane = part.front()
+            order = part.order  # (part.front() inlined for its common case: a live head)
+            lane = part.by_priority[-order[0]] if order else None
+            if not lane or lane[0].seq < 0:
+                lane = part.front()
             if lane is None:
                 heapq.heappop(heap)
                 if part.running == 0 and parts.get(part.key) is part:
@@ -184,7 +198,7 @@ class _Gate(_Lane):
                 continue
             head = lane[0]
             if head.seq != seq:  # its first task changed (cancelled): key it anew
-                heapq.heapreplace(heap, (-head.priority, head.seq, token, part))
+                heapq.heapreplace(heap, (_key(head), head.seq, token, part))
                 continue
             return lane
         return None
@@ -215,6 +229,15 @@ class _Gate(_Lane):
             if part is None:
                 return
             part.running -= 1
+            order = part.order
+            if order and part.held is None:  # its common case: a live head, offered
+                lane = part.by_priority[-order[0]]
+                if lane and lane[0].seq >= 0:
+                    if part.running < self.per_partition:  # type: ignore[operator]
+                        head = lane[0]
+                        part.token += 1
+                        heapq.heappush(self.heap, (_key(head), head.seq, part.token, part))
+                    return
             self.ready_again(part)
 
     def ready_again(self, part: _Part) -> None:
