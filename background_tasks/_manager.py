@@ -245,6 +245,10 @@ class BackgroundTaskManager:
             self._table, self._queue, journal, self.owner, max_recoveries, self.clock
         )
         self._writer.shared = {n: q for n, q in (self.queues or {}).items() if q.shared}
+        #: queues that take a partition
+        self._partitioned = frozenset(
+            n for n, q in (self.queues or {}).items() if q.per_partition is not None
+        )
         self._writer.park = self._dispatch.park
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
@@ -656,8 +660,7 @@ class BackgroundTaskManager:
             check_text(lock, "lock")
         if partition is not None:
             check_text(partition, "partition")
-            config = None if self.queues is None else self.queues.get(queue)
-            if config is None or config.per_partition is None:
+            if queue not in self._partitioned:
                 raise ValueError(
                     f"partition={partition!r} needs a queue with per_partition: queue"
                     f" {queue!r} is not Queue(per_partition=...)"

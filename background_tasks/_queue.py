@@ -84,36 +84,39 @@ class _Lane:
         return [t for lane in self.by_priority.values() for t in lane if t.seq >= 0]
 
 
-class _Part(_Lane):
-    """One partition of a ``_Gate`` with ``per_partition``."""
+def _key(task: Task) -> int:
+    """(-priority, seq) as one int (seq < 2**52): heap entries then differ in their first
+    item, one comparison each."""
+    return task.seq - (task.priority << 52)
 
-    __slots__ = ("held", "key", "running", "token")
+
+class _Part(_Lane):
+    """The tasks of one partition that wait for it (reached while it was full or held),
+    in a ``_Gate`` with ``per_partition``."""
+
+    __slots__ = ("held", "key", "token")
 
     def __init__(self, key: str | None) -> None:
         super().__init__()
         self.key = key
-        self.running = 0
         self.token = 0  # the heap entry with this token is the partition's one live entry
         self.held: Task | None = None  # parked after a journal-wide refusal: not ready
 
 
 class _Gate(_Lane):
-    """The lane of a queue with flow control, in this process (see the module doc)."""
+    """The lane of a queue with flow control, in this process (see the module doc).
+
+    With ``per_partition``, every task goes through the queue's own lanes first, and is
+    taken from there while its partition has room (the common case costs a dict lookup
+    and no allocation). A task reached while its partition is full moves to that
+    partition's ``_Part``, and so does every later task of it while any waits there; a
+    partition with room and waiting tasks has one entry in ``heap``, keyed by its first
+    task. The next task is the older of the lanes' first and the heap's first.
+    """
 
     __slots__ = (
-        "blocked_until",
-        "config",
-        "heap",
-        "held",
-        "limit",
-        "notify",
-        "now",
-        "parts",
-        "per_partition",
-        "period",
-        "rate",
-        "running",
-        "starts",
+        "_from_part", "blocked_until", "busy", "config", "heap", "held", "limit", "notify",
+        "now", "parts", "per_partition", "period", "rate", "running", "starts",
     )  # fmt: skip
 
     def __init__(
@@ -126,32 +129,22 @@ class _Gate(_Lane):
         self.rate: int | None = None if rate is None else rate[0]
         self.period = 0.0 if rate is None else rate[1]
         self.starts: deque[float] = deque(maxlen=self.rate)  # the window: recent starts
-        self.per_partition = config.per_partition
-        self.parts: dict[str | None, _Part] | None = None if self.per_partition is None else {}
-        self.heap: list[tuple[int, int, int, _Part]] = []  # ready partitions
+        self.per_partition: int = config.per_partition or 0
+        #: partitions with waiting (or held) tasks; None: the queue has no partitions
+        self.parts: dict[str | None, _Part] | None = None if not self.per_partition else {}
+        self.busy: dict[str | None, int] = {}  # running tasks per partition (no zeros)
+        #: ready partitions: (key of the first task, its seq, the entry's token, partition)
+        self.heap: list[tuple[int, int, int, _Part]] = []
+        self._from_part = False  # front() returned a partition's deque, not a lane's
         self.running = 0
         self.held: Task | None = None  # parked after a journal-wide refusal: queue waits
         self.blocked_until = math.inf  # the rate window opens again then (timer knows)
         self.now = now
         self.notify = notify
 
-    def push(self, task: Task) -> None:
-        parts = self.parts
-        if parts is None:
-            _Lane.push(self, task)
-            return
-        part = parts.get(task.partition)
-        if part is None:
-            part = parts[task.partition] = _Part(task.partition)
-        part.push(task)
-        if part.held is None and part.running < self.per_partition:  # type: ignore[operator]
-            head = part.front()
-            if head is not None and head[0] is task:  # it leads its partition now
-                self._offer(part, task)
-
     def _offer(self, part: _Part, head: Task) -> None:
         part.token += 1
-        heapq.heappush(self.heap, (-head.priority, head.seq, part.token, part))
+        heapq.heappush(self.heap, (_key(head), head.seq, part.token, part))
 
     def blocked(self) -> bool:
         """Whether the whole queue may start nothing now (held, at its limit, rate)."""
@@ -168,28 +161,52 @@ class _Gate(_Lane):
         return False
 
     def front(self) -> deque[Task] | None:
-        if self.blocked():
+        if self.held is not None or (self.limit is not None and self.running >= self.limit):
             return None
-        if self.parts is None:
+        if self.rate is not None and self.blocked():
+            return None
+        parts = self.parts
+        if parts is None:
             return _Lane.front(self)
-        heap, parts, per = self.heap, self.parts, self.per_partition
-        while heap:
-            _, seq, token, part = heap[0]
-            if token != part.token or part.held is not None or part.running >= per:  # type: ignore[operator]
+        busy, per = self.busy, self.per_partition
+        lane = _Lane.front(self)
+        while lane is not None:  # the lanes' first task, unless its partition must wait
+            task = lane[0]
+            key = task.partition
+            part = parts.get(key)
+            if part is None:
+                if busy.get(key, 0) < per:
+                    break
+                part = parts[key] = _Part(key)
+            lane.popleft()  # to its partition (seq kept: still live, not twice)
+            order = part.order
+            leads = not order or task.priority > -order[0]
+            part.push(task)
+            if leads and part.held is None and busy.get(key, 0) < per:
+                self._offer(part, task)
+            lane = _Lane.front(self)
+        heap = self.heap
+        while heap:  # the first task of the partitions with room and waiting tasks
+            first, seq, token, part = heap[0]
+            if token != part.token or part.held is not None or busy.get(part.key, 0) >= per:
                 heapq.heappop(heap)  # stale, or not ready: offered again when it is
                 continue
-            lane = part.front()
-            if lane is None:
+            waiting = part.front()
+            if waiting is None:
                 heapq.heappop(heap)
-                if part.running == 0 and parts.get(part.key) is part:
+                if parts.get(part.key) is part:
                     del parts[part.key]
                 continue
-            head = lane[0]
+            head = waiting[0]
             if head.seq != seq:  # its first task changed (cancelled): key it anew
-                heapq.heapreplace(heap, (-head.priority, head.seq, token, part))
+                heapq.heapreplace(heap, (_key(head), head.seq, token, part))
                 continue
-            return lane
-        return None
+            if lane is None or first < _key(lane[0]):
+                self._from_part = True
+                return waiting
+            break
+        self._from_part = False
+        return lane
 
     def took(self, task: Task) -> None:
         """Bookkeeping once ``task``, from ``front()``, was taken to run."""
@@ -201,34 +218,52 @@ class _Gate(_Lane):
                 self.notify(self, starts[0] + self.period)
         parts = self.parts
         if parts is not None:
-            part = parts[task.partition]
-            part.running += 1
-            heapq.heappop(self.heap)  # the entry front() returned
-            if part.running < self.per_partition:  # type: ignore[operator]
-                lane = part.front()
-                if lane is not None:
-                    self._offer(part, lane[0])
+            key = task.partition
+            busy = self.busy
+            n = busy[key] = busy.get(key, 0) + 1
+            if self._from_part:
+                self._from_part = False
+                heapq.heappop(self.heap)  # the entry front() returned
+                part = parts[key]
+                waiting = part.front()
+                if waiting is None:
+                    if part.held is None:
+                        del parts[key]
+                elif n < self.per_partition:
+                    self._offer(part, waiting[0])
 
     def release(self, task: Task) -> None:
         self.running -= 1
         parts = self.parts
         if parts is not None:
-            part = parts.get(task.partition)
-            if part is None:
-                return
-            part.running -= 1
-            self.ready_again(part)
+            key = task.partition
+            busy = self.busy
+            n = busy.get(key, 0) - 1
+            if n > 0:
+                busy[key] = n
+            else:
+                busy.pop(key, None)
+            part = parts.get(key)
+            if part is not None:
+                self.ready_again(part)
 
     def ready_again(self, part: _Part) -> None:
-        """Offer a partition that may have room again, or forget an idle empty one."""
+        """Offer a partition that may have room again, or forget an empty one."""
         if part.held is not None:
             return
-        lane = part.front()
-        if lane is not None:
-            if part.running < self.per_partition:  # type: ignore[operator]
-                self._offer(part, lane[0])
-        elif part.running == 0 and self.parts is not None and self.parts.get(part.key) is part:
-            del self.parts[part.key]
+        waiting = part.front()
+        if waiting is None:
+            if self.parts is not None and self.parts.get(part.key) is part:
+                del self.parts[part.key]
+        elif self.busy.get(part.key, 0) < self.per_partition:
+            self._offer(part, waiting[0])
+
+    def full(self, key: str | None) -> bool:
+        """Whether partition ``key`` may start nothing now (at its limit, or held)."""
+        part = None if self.parts is None else self.parts.get(key)
+        return (part is not None and part.held is not None) or self.busy.get(
+            key, 0
+        ) >= self.per_partition
 
     def take(self) -> bool:
         """A slot for a task claimed as it was submitted (only a plain local limit)."""
@@ -240,9 +275,10 @@ class _Gate(_Lane):
         return True
 
     def live(self) -> list[Task]:
-        if self.parts is None:
-            return _Lane.live(self)
-        return [t for part in self.parts.values() for t in part.live()]
+        tasks = _Lane.live(self)
+        if self.parts is not None:
+            tasks += [t for part in self.parts.values() for t in part.live()]
+        return tasks
 
 
 class _Lock:
@@ -567,12 +603,11 @@ class ReadyQueue:
             elif gate.parts is None:
                 figures.ready += len(gate.live())
             else:
-                for part in gate.parts.values():
-                    n = len(part.live())
-                    if part.held is not None or part.running >= gate.per_partition:  # type: ignore[operator]
-                        figures.waiting_on_limit += n
+                for task in gate.live():
+                    if gate.full(task.partition):
+                        figures.waiting_on_limit += 1
                     else:
-                        figures.ready += n
+                        figures.ready += 1
         for lock in self._locks.values():
             for _, _, seq, task in lock.waiting:
                 if task.seq == seq:

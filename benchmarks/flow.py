@@ -63,15 +63,14 @@ async def memory_run(kind: str, n: int) -> float:
     manager = BackgroundTaskManager(max_concurrency=CONCURRENCY, queues=queues)
     async with manager:
         submit = manager.submit
+        names = [str(i % (1000 if kind == "partitioned" else 100)) for i in range(n)]
         t0 = perf()
         if kind == "plain":
-            handles = [await submit(sleepy) for _ in range(n)]
+            handles = [await submit(sleepy) for _ in names]
         elif kind == "partitioned":
-            handles = [
-                await submit(sleepy, queue="parts", partition=str(i % 1000)) for i in range(n)
-            ]
+            handles = [await submit(sleepy, queue="parts", partition=p) for p in names]
         else:
-            handles = [await submit(sleepy, lock=str(i % 100)) for i in range(n)]
+            handles = [await submit(sleepy, lock=name) for name in names]
         for handle in handles:
             await handle
         return n / (perf() - t0)
@@ -180,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="tasks per in-memory round")
     p.add_argument("--claims", type=int, default=None, help="tasks per journaled round")
     p.add_argument("--no-postgres", action="store_true")
+    p.add_argument("--memory-only", action="store_true")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     count = args.rounds or (1 if args.quick else 5)
     n = args.n or (5_000 if args.quick else 50_000)
     claims = args.claims or (500 if args.quick else 5_000)
     backends = ["sqlite"] if args.no_postgres else ["sqlite", "postgres"]
+    if args.memory_only:
+        backends = []
     out: dict[str, Any] = {}
     print(f"in memory: N={n:,}, concurrency {CONCURRENCY}, {count} rounds", file=sys.stderr)
     mem = rounds(

@@ -341,3 +341,32 @@ async def test_a_rate_limited_queue_blocks_no_other_queue() -> None:
         assert manager.statistics().queues["r"].waiting_on_limit == 1
         await second.cancel()
     assert "r1" not in log.starts()
+
+
+async def test_partitions_keep_priority_and_skip_cancelled_tasks() -> None:
+    log = Log()
+    job = log.job()
+    queues = {"t": Queue(per_partition=1)}
+    async with BackgroundTaskManager(max_concurrency=2, queues=queues) as manager:
+        gate = anyio.Event()
+        held = [
+            await manager.submit(job, f"hold{p}", kwargs={"gate": gate}, queue="t", partition=p)
+            for p in "ab"
+        ]  # both workers, and both partitions, busy
+        await anyio.sleep(0.02)
+        spec = [("a1", "a", 0), ("b1", "b", 0), ("a2", "a", 5), ("b2", "b", 9), ("a3", "a", 0)]
+        handles = {
+            name: await manager.submit(job, name, queue="t", partition=p, priority=priority)
+            for name, p, priority in spec
+        }
+        assert await manager.cancel(handles.pop("a1").id)
+        stats = manager.statistics().queues["t"]
+        assert (stats.running, stats.waiting_on_limit, stats.ready) == (2, 4, 0)
+        gate.set()
+        for handle in [*held, *handles.values()]:
+            await handle
+    order = [name for name in log.starts() if not name.startswith("hold")]
+    assert order.index("b2") < order.index("b1")  # priority within a partition
+    assert order.index("a2") < order.index("a3")
+    assert "a1" not in order
+    assert manager.statistics().queued == 0
