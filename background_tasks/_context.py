@@ -7,7 +7,11 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from ._models import utc
+
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from ._task import Task
     from ._writer import StateWriter
 
@@ -41,6 +45,12 @@ class TaskContext:
     @property
     def queue(self) -> str:
         return self._task.queue
+
+    @property
+    def scheduled_at(self) -> datetime:
+        """The task's not-before time (aware UTC): when it was due, from its ``delay`` or
+        ``at``, its submit time otherwise, the end of its backoff in a retry."""
+        return utc(self._task.scheduled_at)
 
     async def report_progress(
         self, fraction: float | None = None, message: str | None = None

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from inspect import CO_COROUTINE
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
@@ -38,6 +38,7 @@ from ._sync import JournalSync
 from ._table import Statistics, TaskTable
 from ._task import Task
 from ._validate import (
+    check_at,
     check_delay,
     check_priority,
     check_retry,
@@ -372,6 +373,7 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -386,6 +388,7 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -399,11 +402,16 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
     ) -> TaskHandle[Any]:
-        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal)."""
+        """Queue ``fn(*args, **kwargs)``; returns once accepted (durably, with a journal).
+
+        ``delay`` (seconds or a timedelta) or ``at`` (an aware datetime; in the past means
+        now) is the time before which the task does not start.
+        """
         if self._phase is not _Phase.RUNNING:
             raise ManagerNotRunning()
         code = getattr(fn, "__code__", None)
@@ -430,7 +438,12 @@ class BackgroundTaskManager:
             priority = defaults["priority"] or 0
         else:
             check_priority(priority)
-        wait = 0.0 if delay is None else check_delay(delay)
+        if at is None:
+            wait = 0.0 if delay is None else check_delay(delay)
+        elif delay is not None:
+            raise ValueError("give delay or at, not both")
+        else:
+            wait = check_at(at)  # the epoch time here; relative to now below
         if timeout is None:
             timeout = defaults["timeout"]
             if timeout is None:
@@ -452,6 +465,9 @@ class BackgroundTaskManager:
             raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
 
         now = time.time()
+        due = now + wait
+        if at is not None:
+            due, wait = wait, wait - now
         task = Task(
             new_id(),
             registered.name
@@ -466,7 +482,7 @@ class BackgroundTaskManager:
             None if timeout == math.inf else timeout,
             retry,
             now,
-            now + wait,
+            due,
         )
         dispatch = self._dispatch
         if journal is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ._validate import check_priority, check_retry, check_text, check_timeout
@@ -68,6 +68,7 @@ class RegisteredTask(Generic[P, R]):
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -78,6 +79,7 @@ class RegisteredTask(Generic[P, R]):
                 "queue": queue,
                 "priority": priority,
                 "delay": delay,
+                "at": at,
                 "timeout": timeout,
                 "retry": retry,
                 "key": key,

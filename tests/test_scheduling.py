@@ -1,0 +1,166 @@
+"""Time: absolute schedules (``submit(at=)``), ``TaskContext.scheduled_at``, rescheduling,
+batches (``submit_many``) and backpressure (``when_full="wait"``), in memory and on a
+SQLite journal, on asyncio and trio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from support import P, noop
+
+from background_tasks import (
+    BackgroundTaskManager,
+    SQLiteJournal,
+    current_task,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_manager(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[..., BackgroundTaskManager]:
+    """A manager in memory or on a SQLite journal of this test (same file every call)."""
+
+    def make(**options: Any) -> BackgroundTaskManager:
+        if request.param == "sqlite":
+            options.setdefault("journal", SQLiteJournal(tmp_path / "tasks.db"))
+        return BackgroundTaskManager(**options)
+
+    return make
+
+
+# ------------------------------------------------------------------ submit(at=)
+
+
+async def test_at_is_not_started_before(make_manager: Callable[..., BackgroundTaskManager]) -> None:
+    seen: list[tuple[float, datetime]] = []
+    manager = make_manager()
+
+    @manager.task(name="stamp")
+    async def stamp() -> None:
+        seen.append((time.time(), current_task().scheduled_at))
+
+    async with manager:
+        at = datetime.now(UTC) + timedelta(seconds=0.15)
+        handle = await manager.submit(stamp, at=at)
+        record = await manager.get(handle.id)
+        assert record is not None
+        assert record.status is P
+        assert record.scheduled_at == at
+        await handle
+    ((started, scheduled),) = seen
+    assert started >= at.timestamp()
+    assert scheduled == at
+    assert scheduled.tzinfo is UTC
+
+
+async def test_at_in_another_time_zone_is_the_same_instant(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager()
+
+    @manager.task(name="when")
+    async def when() -> str:
+        return current_task().scheduled_at.isoformat()
+
+    async with manager:
+        paris = timezone(timedelta(hours=2))
+        at = (datetime.now(UTC) + timedelta(seconds=0.05)).astimezone(paris)
+        handle = await when.options(at=at).submit()
+        result = await handle
+    assert datetime.fromisoformat(result) == at  # the instant, whatever the zone
+
+
+async def test_at_in_the_past_runs_now(make_manager: Callable[..., BackgroundTaskManager]) -> None:
+    manager = make_manager()
+
+    @manager.task(name="past")
+    async def past() -> str:
+        return current_task().scheduled_at.isoformat()
+
+    async with manager:
+        at = datetime(2001, 1, 1, tzinfo=UTC)
+        with anyio.fail_after(5):
+            assert await (await manager.submit(past, at=at)) == at.isoformat()
+
+
+async def test_scheduled_at_of_a_plain_submit_is_its_submit_time() -> None:
+    async def when() -> datetime:
+        return current_task().scheduled_at
+
+    async with BackgroundTaskManager() as manager:
+        before = datetime.now(UTC)
+        handle = await manager.submit(when)
+        record = await manager.get(handle.id)
+        result = await handle
+    assert record is not None
+    assert before <= result == record.scheduled_at == record.created_at
+
+
+@pytest.mark.parametrize(
+    ("at", "error", "match"),
+    [
+        (datetime(2030, 1, 1), ValueError, "aware"),  # naive
+        ("2030-01-01T00:00:00Z", TypeError, "aware datetime"),
+        (1893456000.0, TypeError, "aware datetime"),
+        (datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))), ValueError, "9999"),
+        (datetime.min.replace(tzinfo=timezone(timedelta(hours=5))), ValueError, "9999"),
+    ],
+    ids=["naive", "str", "float", "past-9999", "before-1"],
+)
+async def test_bad_at_is_refused_at_submit(at: Any, error: type[Exception], match: str) -> None:
+    async with BackgroundTaskManager() as manager:
+        with pytest.raises(error, match=match):
+            await manager.submit(noop, at=at)
+        assert manager.statistics().pending == 0
+
+
+async def test_at_and_delay_together_is_a_value_error() -> None:
+    async with BackgroundTaskManager() as manager:
+        with pytest.raises(ValueError, match="delay or at"):
+            await manager.submit(noop, at=datetime.now(UTC), delay=1)
+        with pytest.raises(ValueError, match="delay or at"):
+            await manager.submit(noop, at=datetime.now(UTC), delay=0)
+
+
+async def test_at_as_late_as_a_datetime_goes_is_stored_and_read_back(tmp_path: Path) -> None:
+    manager = BackgroundTaskManager(journal=SQLiteJournal(tmp_path / "t.db"))
+
+    @manager.task(name="never")
+    async def never() -> None:
+        pass
+
+    at = datetime(9999, 12, 31, 23, 0, tzinfo=UTC)
+    async with manager:
+        handle = await manager.submit(never, at=at)
+        record = await manager.get(handle.id)
+        assert record is not None
+        assert record.scheduled_at == at
+        assert record.status is P
+    async with manager:  # recovered: queued again for then, not run
+        record = await manager.get(handle.id)
+        assert record is not None
+        assert (record.status, record.scheduled_at) == (P, at)
+
+
+async def test_at_orders_like_a_delay() -> None:
+    order: list[str] = []
+
+    async def mark(label: str) -> None:
+        order.append(label)
+
+    async with BackgroundTaskManager(max_concurrency=1) as manager:
+        now = datetime.now(UTC)
+        late = await manager.submit(mark, "late", at=now + timedelta(seconds=0.12))
+        early = await manager.submit(mark, "early", at=now + timedelta(seconds=0.06))
+        await late
+        await early
+    assert order == ["early", "late"]
