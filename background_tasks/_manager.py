@@ -47,7 +47,7 @@ from ._validate import (
     check_timeout,
 )
 from ._worker import wakeup_class, worker_loop
-from ._writer import StateWriter, cancel_row, requeue_row
+from ._writer import StateWriter, cancel_row, requeue_row, reschedule_row
 from .journal import _rows
 from .journal._protocol import Journal, TaskRow
 
@@ -148,6 +148,8 @@ class BackgroundTaskManager:
                 "(for example `bgtasks worker`) that share it"
             )
         self.run_tasks = run_tasks
+        #: epoch seconds now: the one wall-clock read of the manager's own new code
+        self._now: Callable[[], float] = time.time
 
         self.registry = TaskRegistry()
         self.registry.bind(self)
@@ -694,6 +696,51 @@ class BackgroundTaskManager:
         await self._writer.requeue(task)
         self._dispatch.enqueue(task, task.scheduled_at)
         return task.record()
+
+    async def reschedule(
+        self,
+        task_id: str,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+    ) -> TaskRecord:
+        """Move a PENDING or RETRYING task's not-before time (``delay`` from now, 0 =
+        now, or ``at``), keeping its status. With a journal, this works on any task of
+        the journal, also one queued in another manager (it sees the change through its
+        journal watcher). InvalidTransition for a task in another status, TaskNotFound
+        for an unknown id."""
+        check_task_id(task_id)
+        if (delay is None) == (at is None):
+            raise ValueError("reschedule takes a delay or an at (one of them)")
+        when = self._now() + check_delay(delay) if at is None else check_at(at)
+        if self._phase is not _Phase.RUNNING:
+            raise ManagerNotRunning()
+        task = self._table.tasks.get(task_id)
+        if task is not None:
+            # A claim or cancel of it is being written: its outcome first. (A flag, not an
+            # event: a write in flight for a task being rescheduled is rare.)
+            while task.busy:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            if not task.remote:
+                if task.status not in (PENDING, RETRYING):
+                    raise InvalidTransition(
+                        "only pending or retrying tasks can be rescheduled; "
+                        f"task {task_id} is {task.status.value}"
+                    )
+                self._queue.discard(task)  # no worker takes it while the change is written
+                if await self._writer.reschedule(task, when):
+                    if task.cancel_requested:  # cancelled while the change was written
+                        await self._writer.cancel_waiting(task)
+                    else:
+                        self._dispatch.enqueue(task, when)
+                    return task.record()
+            # another manager moved it on first: what the journal holds decides
+        if self.journal is None:
+            raise TaskNotFound(task_id)
+        row = await reschedule_row(self.journal, self.owner, task_id, when)
+        if self._sync is not None:
+            self._sync.take(row)
+        return _rows.record(row)
 
     async def purge(self, older_than: float | timedelta) -> int:
         """Delete finished tasks that finished more than ``older_than`` ago."""

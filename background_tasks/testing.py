@@ -308,6 +308,26 @@ class JournalContract:
         assert await journal.get(row.id) == row
         assert len(await journal.history(row.id)) == 1
 
+    async def test_a_change_that_keeps_the_status_applies_at_its_version(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        """A reschedule: ``source`` is ``target``; versioned, in the history, and among
+        the ``changes`` other owners read, like a transition."""
+        row = await journal.insert(make_row())
+        _, cursor = await peer.changes(0, PEER)
+        later = row.scheduled_at + 3600
+        move = Change(row.id, 0, P, P, 0, time.time(), OWNER, {"scheduled_at": later})
+        moved = await applied(journal, move)
+        assert (moved.status, moved.scheduled_at, moved.attempts) == (P, later, 0)
+        assert await journal.apply(move) is False  # stale now
+        wrong = dataclasses.replace(move, version=1, source=Y, target=Y)
+        assert await journal.apply(wrong) is False
+        lines = await journal.history(row.id)
+        assert [(h.source, h.target) for h in lines] == [(None, P), (P, P)]
+        seen, _ = await peer.changes(cursor, PEER)
+        assert seen == [moved]
+        assert (await journal.runnable())[0] == [moved]
+
     async def test_a_change_applies_once(self, journal: Journal) -> None:
         row = await journal.insert(make_row())
         change = claim(row)

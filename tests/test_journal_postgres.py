@@ -695,3 +695,29 @@ async def test_two_managers_drain_one_backlog_running_each_task_once(
             assert targets == [P, R, C]
     finally:
         await check.close()
+
+
+async def test_reschedule_from_another_manager_moves_the_task_where_it_is_queued(
+    pg_dsn: str, schema: str, anyio_backend: object
+) -> None:
+    """A task queued in ``runner`` is rescheduled to now by ``front`` (which runs
+    nothing): ``runner`` hears of it (LISTEN/NOTIFY) and runs it."""
+    from background_tasks import current_task
+
+    runner = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema))
+    front = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema), run_tasks=False)
+    for m in (runner, front):
+
+        @m.task(name="later")
+        async def later() -> float:
+            return current_task().scheduled_at.timestamp()
+
+    async with runner, front:
+        handle = await runner.submit("later", delay=3600)
+        assert runner.statistics().queued == 1
+        record = await front.reschedule(handle.id, delay=0)
+        assert record.status is P
+        with anyio.fail_after(5):
+            assert await front.handle(handle.id) == record.scheduled_at.timestamp()
+        history = [(h.source, h.target) for h in await front.history(handle.id)]
+    assert history == [(None, P), (P, P), (P, R), (R, C)]

@@ -12,11 +12,16 @@ from typing import Any
 
 import anyio
 import pytest
-from support import P, noop
+from support import P, R, noop
 
 from background_tasks import (
     BackgroundTaskManager,
+    InvalidTransition,
+    ManagerNotRunning,
+    RetryPolicy,
     SQLiteJournal,
+    TaskNotFound,
+    TaskStatus,
     current_task,
 )
 
@@ -164,3 +169,167 @@ async def test_at_orders_like_a_delay() -> None:
         await late
         await early
     assert order == ["early", "late"]
+
+
+# ------------------------------------------------------------------ reschedule
+
+
+async def test_reschedule_a_delayed_task_to_now(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager()
+
+    @manager.task(name="later")
+    async def later() -> str:
+        return current_task().scheduled_at.isoformat()
+
+    async with manager:
+        handle = await later.options(delay=3600).submit()
+        before = datetime.now(UTC)
+        record = await manager.reschedule(handle.id, delay=0)
+        assert record.status is P
+        assert before <= record.scheduled_at <= datetime.now(UTC)
+        with anyio.fail_after(5):
+            ran = datetime.fromisoformat(await handle)
+        assert ran == record.scheduled_at
+
+
+async def test_reschedule_later_and_with_at(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    started: list[float] = []
+    manager = make_manager()
+
+    @manager.task(name="stamp")
+    async def stamp() -> None:
+        started.append(time.time())
+
+    async with manager:
+        handle = await stamp.options(delay=0.05).submit()
+        record = await manager.reschedule(handle.id, delay=timedelta(seconds=0.3))
+        assert record.status is P
+        await anyio.sleep(0.15)
+        assert started == []  # not at the old time
+        at = datetime.now(UTC) + timedelta(seconds=0.1)
+        record = await manager.reschedule(handle.id, at=at)
+        assert record.scheduled_at == at
+        with anyio.fail_after(5):
+            await handle
+        assert started[0] >= at.timestamp()
+        assert len(started) == 1
+
+
+async def test_reschedule_a_retrying_task_keeps_it_retrying(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    runs = 0
+    manager = make_manager()
+
+    @manager.task(name="flaky", retry=RetryPolicy(max_attempts=2, base_delay=3600, jitter=False))
+    async def flaky() -> int:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("first run fails")
+        return runs
+
+    async with manager:
+        handle = await flaky.submit()
+        await _wait(manager, handle.id, TaskStatus.RETRYING)
+        record = await manager.reschedule(handle.id, delay=0)
+        assert record.status is TaskStatus.RETRYING
+        assert record.attempts == 1
+        with anyio.fail_after(5):
+            assert await handle == 2
+
+
+async def test_reschedule_refuses_other_statuses_and_unknown_ids(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    gate = anyio.Event()
+    manager = make_manager()
+
+    @manager.task(name="held")
+    async def held() -> None:
+        await gate.wait()
+
+    async with manager:
+        running = await held.submit()
+        await _wait(manager, running.id, R)
+        with pytest.raises(InvalidTransition, match="running"):
+            await manager.reschedule(running.id, delay=0)
+        gate.set()
+        await running
+        with pytest.raises(InvalidTransition, match="completed"):
+            await manager.reschedule(running.id, delay=0)
+        with pytest.raises(TaskNotFound):
+            await manager.reschedule("no-such-task", delay=0)
+        for bad in ({}, {"delay": 1, "at": datetime.now(UTC)}):
+            with pytest.raises(ValueError, match="delay or an at"):
+                await manager.reschedule(running.id, **bad)
+        with pytest.raises(ValueError, match="aware"):
+            await manager.reschedule(running.id, at=datetime(2030, 1, 1))  # naive
+        with pytest.raises(ValueError, match="delay"):
+            await manager.reschedule(running.id, delay=-1)
+
+
+async def test_reschedule_needs_a_running_manager() -> None:
+    manager = BackgroundTaskManager()
+    with pytest.raises(ManagerNotRunning):
+        await manager.reschedule("x", delay=0)
+
+
+async def test_reschedule_is_logged_and_journaled_without_a_transition(
+    tmp_path: Path, debug_events: list[Any]
+) -> None:
+    manager = BackgroundTaskManager(journal=SQLiteJournal(tmp_path / "t.db"))
+
+    @manager.task(name="later")
+    async def later() -> None:
+        pass
+
+    async with manager:
+        handle = await later.options(delay=3600).submit()
+        await manager.reschedule(handle.id, delay=7200)
+        history = await manager.history(handle.id)
+        await manager.cancel(handle.id)
+    assert [(h.source, h.target) for h in history] == [(None, P), (P, P)]
+    rescheduled = [e for e in debug_events if e["event"] == "task_rescheduled"]
+    assert [(e["task_id"], e["status"]) for e in rescheduled] == [(handle.id, "pending")]
+    moves = [
+        e for e in debug_events if e["event"] == "task_transition" and e["task_id"] == handle.id
+    ]
+    assert [(e["from"], e["to"]) for e in moves] == [("pending", "cancelled")]
+
+
+async def test_reschedule_from_another_manager_moves_the_task_where_it_is_queued(
+    tmp_path: Path,
+) -> None:
+    """The task is queued in ``runner``; ``front`` (which runs nothing) reschedules it
+    through the journal, and ``runner`` sees the change and runs it now."""
+    path = tmp_path / "shared.db"
+    runner = BackgroundTaskManager(journal=SQLiteJournal(path), poll_interval=0.05)
+    front = BackgroundTaskManager(journal=SQLiteJournal(path), run_tasks=False)
+    for manager in (runner, front):
+
+        @manager.task(name="later")
+        async def later() -> str:
+            return current_task().scheduled_at.isoformat()
+
+    async with runner, front:
+        handle = await runner.submit("later", delay=3600)
+        assert runner.statistics().queued == 1
+        record = await front.reschedule(handle.id, delay=0)
+        assert record.status is P
+        with anyio.fail_after(5):
+            ran = await front.handle(handle.id)
+        assert datetime.fromisoformat(ran) == record.scheduled_at
+
+
+async def _wait(manager: BackgroundTaskManager, task_id: str, status: Any) -> None:
+    with anyio.fail_after(5):
+        while True:
+            record = await manager.get(task_id)
+            if record is not None and record.status is status:
+                return
+            await anyio.sleep(0.002)

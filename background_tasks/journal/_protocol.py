@@ -66,6 +66,9 @@ class TaskRow:
 @dataclass(slots=True)
 class Change:
     """One transition to write: ``source -> target`` if the row is still at ``version``.
+    A change whose ``source`` is its ``target`` changes the row and keeps its status (a
+    reschedule moves a waiting task's ``scheduled_at``); it is applied, versioned,
+    written to the history and reported by ``changes`` like any other.
 
     ``fields`` are TaskRow attribute names and their new values (``status`` and
     ``version`` are set by the journal). The history line records ``attempt``, ``at``,
