@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from inspect import CO_COROUTINE
@@ -512,6 +512,153 @@ class BackgroundTaskManager:
         else:
             dispatch.push(task)
         return TaskHandle(self._outcomes, task.id, task)
+
+    @overload
+    async def submit_many(
+        self,
+        fn: str,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[Any]]: ...
+
+    @overload
+    async def submit_many(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, R]],
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[R]]: ...
+
+    async def submit_many(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | str,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[Any]]:
+        """Queue one task ``fn(**kwargs)`` per dict of ``items``, with the options of
+        ``submit`` (but ``key``: a key names one task). With a journal, every task is
+        stored in one transaction or none is: a bad item raises before anything is
+        stored. Handles come back in the order of ``items``."""
+        if self._phase is not _Phase.RUNNING:
+            raise ManagerNotRunning()
+        registered = self._resolve(fn)
+        journal = self.journal
+        if registered is None and journal is not None:
+            raise TypeError(
+                f"{fn!r} is not a registered task: with a journal, register it with "
+                "@manager.task so that a restarted process can find it by name"
+            )
+        if isinstance(items, dict | str | bytes) or not isinstance(items, Iterable):
+            raise TypeError(
+                f"items must be an iterable of dicts of keyword arguments, got {items!r}"
+            )
+        batch = builtins.list(items)
+        for i, kwargs in enumerate(batch):
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                raise TypeError(f"items[{i}] must be a dict with str keys, got {kwargs!r}")
+        # submit() resolves the same options inline (its hot path); keep the two alike.
+        defaults = registered.options_ if registered is not None else _NO_DEFAULTS
+        if queue is None:
+            queue = defaults["queue"] or "default"
+        else:
+            self._check_queue(queue)
+        if priority is None:
+            priority = defaults["priority"] or 0
+        else:
+            check_priority(priority)
+        if at is not None and delay is not None:
+            raise ValueError("give delay or at, not both")
+        due = check_at(at) if at is not None else None
+        wait = check_delay(delay)
+        if timeout is None:
+            timeout = defaults["timeout"]
+            if timeout is None:
+                timeout = self.default_timeout
+        else:
+            timeout = check_timeout(timeout, "timeout")
+        if retry is None:
+            retry = defaults["retry"] or self.default_retry
+        else:
+            check_retry(retry, "retry")
+        if not batch:
+            return []
+        if self.max_pending is not None:
+            counts = self._table.counts
+            if len(batch) > self.max_pending:
+                raise QueueFull(
+                    f"{len(batch)} tasks cannot fit below max_pending={self.max_pending}"
+                )
+            if counts[PENDING] + counts[RETRYING] + len(batch) > self.max_pending:
+                raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+
+        now = self._now()
+        due = now + wait if due is None else due
+        name = (
+            registered.name
+            if registered is not None
+            else getattr(fn, "__qualname__", None) or repr(fn)
+        )
+        run = registered.fn if registered is not None else fn
+        timeout = None if timeout == math.inf else timeout
+        tasks = [
+            Task(new_id(), name, run, (), kwargs or None, queue, priority, None, timeout,  # type: ignore[arg-type]
+                 retry, now, due)
+            for kwargs in batch
+        ]  # fmt: skip
+        if journal is not None:
+            rows = [_rows.new_row(task) for task in tasks]  # SerializationError: nothing stored
+            try:
+                await journal.insert_many(rows)
+            except BaseException:
+                if self._tg is not None:  # the rows may be stored although the call failed
+                    self._tg.start_soon(self._adopt_many, rows)
+                raise
+            if self._phase is not _Phase.RUNNING or not self.run_tasks:
+                return [TaskHandle(self._outcomes, task.id, None) for task in tasks]
+        dispatch, submitted = self._dispatch, self._writer.submitted
+        for task in tasks:
+            submitted(task)
+            dispatch.enqueue(task, due)
+        return [TaskHandle(self._outcomes, task.id, task) for task in tasks]
+
+    async def _adopt_many(self, rows: builtins.list[TaskRow]) -> None:
+        """``_adopt`` for a batch whose ``insert_many`` failed: stored all or none, so
+        the first row tells; if it is there, queue them all (as they were stored)."""
+        journal = self.journal
+        assert journal is not None
+        delay = 0.05
+        while True:
+            try:
+                first = await journal.get(rows[0].id)
+                break
+            except JournalError as exc:
+                if not self._live or self._writer.giving_up:
+                    log.warning("task_adopt_failed", task_id=rows[0].id, error=str(exc))
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if first is None or self._sync is None or not self._live:
+            return
+        for row in rows:
+            self._sync.take(row)
 
     async def _submit_claimed(self, task: Task, row: TaskRow) -> TaskHandle[Any]:
         """Accept and claim in one journal write: a worker is idle, so the task would be

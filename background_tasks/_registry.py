@@ -8,7 +8,7 @@ import time without a manager (like FastAPI's ``APIRouter``) and is bound later 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -62,6 +62,24 @@ class RegisteredTask(Generic[P, R]):
         """Submit with the task's defaults; use ``.options(...)`` to set submit options."""
         return await self.registry.manager.submit(self, *args, kwargs=kwargs)
 
+    async def submit_many(
+        self,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> list[TaskHandle[R]]:
+        """One task per dict of keyword arguments, all stored in one journal transaction
+        or none; handles in the order of ``items`` (``BackgroundTaskManager.submit_many``)."""
+        return await self.registry.manager.submit_many(
+            self, items, queue=queue, priority=priority, delay=delay, at=at, timeout=timeout,
+            retry=retry,
+        )  # fmt: skip
+
     def options(
         self,
         *,
@@ -100,6 +118,14 @@ class TaskOptions(Generic[P, R]):
         return await self._task.registry.manager.submit(
             self._task, *args, kwargs=kwargs, **self._options
         )
+
+    async def submit_many(self, items: Iterable[dict[str, Any]]) -> list[TaskHandle[R]]:
+        """``RegisteredTask.submit_many`` with these options (``key`` names one task, so
+        it is refused here)."""
+        options = dict(self._options)
+        if options.pop("key") is not None:
+            raise ValueError("a key names one task: submit_many takes none")
+        return await self._task.registry.manager.submit_many(self._task, items, **options)
 
 
 class TaskRegistry:

@@ -37,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from ._errors import InvalidTransition
+from ._errors import InvalidTransition, JournalError
 from ._states import TaskStatus
 from .journal._protocol import (
     BatchingJournal,
@@ -276,6 +276,61 @@ class JournalContract:
                 tg.start_soon(submit)
         assert len(set(got)) == 1
         assert (await journal.counts())[P] == 1
+
+    # ------------------------------------------------------------------ insert_many
+
+    async def test_insert_many_stores_every_row_with_its_history(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        _, cursor = await peer.changes(0, PEER)
+        rows = [make_row(priority=i % 3, args_json=f"[{i}]") for i in range(600)]
+        stored = await journal.insert_many(rows)
+        assert stored == rows
+        for row in (rows[0], rows[299], rows[-1]):
+            assert await journal.get(row.id) == row
+            lines = await journal.history(row.id)
+            assert [(h.source, h.target, h.attempt) for h in lines] == [(None, P, 0)]
+        assert (await journal.counts())[P] == 600
+        runnable, _ = await journal.runnable()
+        assert {r.id for r in runnable} == {r.id for r in rows}
+        seen, _ = await peer.changes(cursor, PEER)
+        assert [r.id for r in seen] == sorted(r.id for r in rows)
+        assert await journal.insert_many([]) == []
+
+    async def test_insert_many_stores_all_or_none(self, journal: Journal) -> None:
+        """One bad row (here an id already stored) fails the whole call and stores
+        nothing of it; a write sharing its transaction is not affected."""
+        taken = await journal.insert(make_row())
+        batch = [make_row() for _ in range(10)]
+        batch.insert(5, dataclasses.replace(make_row(), id=taken.id))
+        alone = make_row()
+        outcome: dict[str, Any] = {}
+
+        async def many() -> None:
+            try:
+                outcome["many"] = await journal.insert_many(batch)
+            except Exception as exc:
+                outcome["many"] = exc
+
+        async def one() -> None:
+            outcome["one"] = await journal.insert(alone)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(many)
+            tg.start_soon(one)
+        assert isinstance(outcome["many"], JournalError)
+        assert outcome["one"] == alone
+        for row in batch:
+            if row.id != taken.id:
+                assert await journal.get(row.id) is None
+        assert await journal.get(taken.id) == taken
+        assert (await journal.counts())[P] == 2
+
+    async def test_insert_many_refuses_keyed_rows(self, journal: Journal) -> None:
+        rows = [make_row(), make_row(key="k")]
+        with pytest.raises(ValueError, match="key"):
+            await journal.insert_many(rows)
+        assert await journal.get(rows[0].id) is None
 
     # ------------------------------------------------------------------ apply
 

@@ -18,7 +18,9 @@ from background_tasks import (
     BackgroundTaskManager,
     InvalidTransition,
     ManagerNotRunning,
+    QueueFull,
     RetryPolicy,
+    SerializationError,
     SQLiteJournal,
     TaskNotFound,
     TaskStatus,
@@ -333,3 +335,164 @@ async def _wait(manager: BackgroundTaskManager, task_id: str, status: Any) -> No
             if record is not None and record.status is status:
                 return
             await anyio.sleep(0.002)
+
+
+# ------------------------------------------------------------------ submit_many
+
+
+async def test_submit_many_runs_one_task_per_item_in_input_order(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    order: list[int] = []
+    manager = make_manager(max_concurrency=1)
+
+    @manager.task(name="add")
+    async def add(x: int, y: int = 0) -> int:
+        order.append(x)
+        return x + y
+
+    async with manager:
+        items = [{"x": i, "y": 10} for i in range(50)]
+        handles = await add.submit_many(items, priority=2)
+        assert [h.id for h in handles] == sorted(h.id for h in handles)
+        with anyio.fail_after(10):
+            assert [await h for h in handles] == [i + 10 for i in range(50)]
+        assert order == list(range(50))
+        record = await manager.get(handles[7].id)
+        assert record is not None
+        assert (record.name, record.kwargs, record.priority, record.queue) == (
+            "add", {"x": 7, "y": 10}, 2, "default",
+        )  # fmt: skip
+        same = await manager.submit_many("add", [{"x": 1}], queue="default")
+        assert await same[0] == 1
+        assert await manager.submit_many(add, []) == []
+
+
+async def test_submit_many_takes_the_options_of_submit(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager(queues={"slow": 1})
+
+    @manager.task(name="later", retry=RetryPolicy(max_attempts=4))
+    async def later(n: int) -> int:
+        return n
+
+    async with manager:
+        at = datetime.now(UTC) + timedelta(hours=1)
+        handles = await later.options(at=at, queue="slow", timeout=5).submit_many(
+            [{"n": 1}, {"n": 2}]
+        )
+        for handle in handles:
+            record = await manager.get(handle.id)
+            assert record is not None
+            assert (record.status, record.scheduled_at, record.queue) == (P, at, "slow")
+            assert (record.max_attempts, record.timeout) == (4, 5)
+        delayed = await manager.submit_many(later, [{"n": 3}], delay=3600)
+        record = await manager.get(delayed[0].id)
+        assert record is not None
+        assert record.scheduled_at > datetime.now(UTC) + timedelta(minutes=59)
+        for handle in [*handles, *delayed]:
+            await handle.cancel()
+
+
+@pytest.mark.parametrize(
+    ("items", "options", "error"),
+    [
+        ([{"n": 1}, {"n": object()}], {}, "SerializationError"),
+        ([{"n": 1}, {3: 1}], {}, TypeError),
+        ([{"n": 1}, ["n", 1]], {}, TypeError),
+        ({"n": 1}, {}, TypeError),
+        ([{"n": 1}], {"delay": -1}, ValueError),
+        ([{"n": 1}], {"delay": 1, "at": datetime.now(UTC)}, ValueError),
+        ([{"n": 1}], {"at": datetime(2030, 1, 1)}, ValueError),  # naive
+        ([{"n": 1}], {"queue": "nope"}, ValueError),
+        ([{"n": 1}], {"priority": "high"}, TypeError),
+    ],
+    ids=["unserialisable", "key-not-str", "not-a-dict", "a-dict", "delay", "both", "naive", "queue",
+         "priority"],
+)  # fmt: skip
+async def test_a_bad_item_or_option_stores_nothing(
+    tmp_path: Path, items: Any, options: dict[str, Any], error: Any
+) -> None:
+    expected = SerializationError if error == "SerializationError" else error
+    manager = BackgroundTaskManager(journal=SQLiteJournal(tmp_path / "t.db"), queues={"a": 1})
+
+    @manager.task(name="job")
+    async def job(n: Any) -> None:
+        pass
+
+    async with manager:
+        with pytest.raises(expected):
+            await manager.submit_many(job, items, **options)
+        assert await manager.list() == []
+        assert manager.statistics().pending == 0
+
+
+async def test_submit_many_needs_a_registered_task_with_a_journal(tmp_path: Path) -> None:
+    async def plain(n: int) -> None:
+        pass
+
+    async with BackgroundTaskManager(journal=SQLiteJournal(tmp_path / "t.db")) as manager:
+        with pytest.raises(TypeError, match="registered"):
+            await manager.submit_many(plain, [{"n": 1}])
+        with pytest.raises(ValueError, match="no task is registered"):
+            await manager.submit_many("missing", [{"n": 1}])
+    with pytest.raises(ManagerNotRunning):
+        await manager.submit_many(plain, [{"n": 1}])
+
+
+async def test_submit_many_of_plain_functions_in_memory() -> None:
+    async def double(n: int) -> int:
+        return 2 * n
+
+    async with BackgroundTaskManager() as manager:
+        handles = await manager.submit_many(double, [{"n": i} for i in range(5)])
+        assert [await h for h in handles] == [0, 2, 4, 6, 8]
+
+
+async def test_submit_many_is_one_transaction(tmp_path: Path) -> None:
+    journal = SQLiteJournal(tmp_path / "t.db")
+    manager = BackgroundTaskManager(journal=journal, run_tasks=False)
+
+    @manager.task(name="job")
+    async def job(n: int) -> None:
+        pass
+
+    async with manager:
+        before = journal.commits
+        handles = await job.submit_many([{"n": i} for i in range(1000)])
+        assert journal.commits - before == 1
+        assert (await journal.counts())[P] == 1000
+        assert len({h.id for h in handles}) == 1000
+
+
+async def test_submit_many_respects_max_pending(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager(max_pending=5)
+
+    @manager.task(name="job")
+    async def job(n: int) -> None:
+        pass
+
+    async with manager:
+        with pytest.raises(QueueFull, match="cannot fit"):
+            await job.submit_many([{"n": i} for i in range(6)], delay=60)
+        handles = await job.submit_many([{"n": i} for i in range(4)], delay=60)
+        with pytest.raises(QueueFull):
+            await job.submit_many([{"n": 1}, {"n": 2}], delay=60)
+        assert manager.statistics().pending == 4
+        for handle in handles:
+            await handle.cancel()
+
+
+async def test_submit_many_with_a_key_option_is_refused() -> None:
+    manager = BackgroundTaskManager()
+
+    @manager.task(name="job")
+    async def job(n: int) -> None:
+        pass
+
+    async with manager:
+        with pytest.raises(ValueError, match="key"):
+            await job.options(key="k").submit_many([{"n": 1}])

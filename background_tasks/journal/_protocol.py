@@ -21,7 +21,7 @@ aggregates ``bgtasks status`` shows). Each one extends
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,6 +108,13 @@ class Journal(Protocol):
 
         If ``row.key`` is set and a task with that key is not finished, store nothing and
         return that task's row instead (the caller compares ids).
+        """
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """Store new PENDING tasks durably in ONE transaction: all of them or none
+        (``JournalError`` then, nothing stored), each with its first history line as
+        ``insert`` writes it. Returns the rows as stored, in their order. The rows have
+        no key (``ValueError`` before anything is written otherwise); no rows, no write.
         """
 
     async def apply(self, change: Change) -> bool:

@@ -53,6 +53,7 @@ __all__ = [
     "RequestCancel",
     "SQLJournal",
     "SetProgress",
+    "check_batch",
     "check_fields",
     "check_schema",
     "check_seconds",
@@ -127,6 +128,15 @@ def check_fields(names: Iterable[str]) -> None:
     bad = [n for n in names if n not in SETTABLE]
     if bad:
         raise ValueError(f"Change.fields has names that are not settable TaskRow fields: {bad}")
+
+
+def check_batch(rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+    """``insert_many``'s rows as a list; ValueError for a row with a key."""
+    rows = list(rows)
+    keyed = [row.id for row in rows if row.key is not None]
+    if keyed:
+        raise ValueError(f"insert_many stores tasks without keys; these have one: {keyed[:5]}")
+    return rows
 
 
 def check_schema(

@@ -31,7 +31,10 @@ async def check_submit() -> None:
     number: int = await (await bare.submit(1))
     inline: str = await send_email("a@example.com", "hi")
     by_function: str = await (await manager.submit(send_email.fn, "a", "b"))
-    del result, same, also, number, inline, by_function
+    many: list[TaskHandle[str]] = await send_email.submit_many([{"to": "a", "subject": "b"}])
+    optioned_many: list[TaskHandle[str]] = await send_email.options(priority=1).submit_many([])
+    from_manager: list[TaskHandle[int]] = await manager.submit_many(bare, [{"n": 1}])
+    del result, same, also, number, inline, by_function, many, optioned_many, from_manager
 
 
 async def check_rejected() -> None:

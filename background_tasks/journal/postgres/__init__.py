@@ -98,6 +98,7 @@ from .._sql import (
     CLEARS_CANCEL,
     Op,
     SQLJournal,
+    check_batch,
     check_fields,
     check_seconds,
     close_all,
@@ -109,6 +110,7 @@ from ._ops import (
     OPS,
     _Apply,
     _Insert,
+    _InsertMany,
     _Op,
     _Tx,
 )
@@ -455,6 +457,15 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
 
     async def insert(self, row: TaskRow) -> TaskRow:
         result: TaskRow = await self._write(_Insert(row))
+        return result
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """``Journal.insert_many``: one operation of a batch (so of one transaction), two
+        statements (the rows from one array per column, then their history lines)."""
+        batch = check_batch(rows)
+        if not batch:
+            return []
+        result: list[TaskRow] = await self._write(_InsertMany(batch))
         return result
 
     async def apply(self, change: Change) -> bool:

@@ -115,6 +115,37 @@ class _Insert(_Op):
         return row
 
 
+class _InsertMany(_Op):
+    """``insert_many``: all rows in one INSERT from one array per column, and all
+    their history lines in one more (two statements, whatever the count)."""
+
+    __slots__ = ("rows",)
+    rank = 0
+
+    def __init__(self, rows: list[TaskRow]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def describe(self) -> str:
+        return f"insert {len(self.rows)} tasks"
+
+    def run(self, tx: _Tx) -> list[TaskRow]:
+        tx.flush()
+        rows = self.rows
+        columns: list[list[Any]] = [list(c) for c in zip(*map(row_values, rows), strict=True)]
+        columns[STATUS_INDEX] = [status.value for status in columns[STATUS_INDEX]]
+        sql = tx.j._sql
+        tx.cur.execute(sql["insert_rows"], (tx.j._owner, *columns))
+        history = (
+            [r.id for r in rows], [r.version for r in rows], [None] * len(rows),
+            [r.status.value for r in rows], [r.attempts for r in rows],
+            [r.created_at for r in rows], [r.owner for r in rows], [r.error_json for r in rows],
+        )  # fmt: skip
+        tx.cur.execute(sql["insert_history_rows"], history)
+        tx.touched += [r.id for r in rows]
+        return rows
+
+
 class _Apply(_Op):
     __slots__ = ("change", "params", "sql")
     rank = 1

@@ -91,12 +91,28 @@ _HISTORY_CONFLICT: Final = (
 )
 
 
+#: Each column's type, for the arrays ``insert_many`` sends (one per column).
+_TYPES: Final = {
+    "priority": "bigint", "attempts": "bigint", "max_attempts": "bigint",
+    "recoveries": "bigint", "version": "bigint", "created_at": "float8",
+    "scheduled_at": "float8", "started_at": "float8", "finished_at": "float8",
+    "lease_until": "float8", "cancel_requested": "boolean",
+}  # fmt: skip
+_HISTORY_TYPES: Final = ("text", "bigint", "text", "text", "bigint", "float8", "text", "text")
+
+
 def statements(s: str) -> dict[str, str]:
     """Every statement of the journal but ``apply``'s, by name, for the schema ``s`` (quoted)."""
     returning = " RETURNING " + _COLS
     sql = {
         "insert": f"INSERT INTO @.tasks ({_COLS}, rev, writer)"
         f" VALUES ({', '.join(['%s'] * len(COLUMNS))}, 0, %s)",
+        # insert_many: every row in one statement, from one array per column.
+        "insert_rows": f"INSERT INTO @.tasks ({_COLS}, rev, writer) SELECT u.*, 0, %s FROM"
+        " unnest(" + ", ".join(f"%s::{_TYPES.get(c, 'text')}[]" for c in COLUMNS) + ") AS u",
+        "insert_history_rows": "INSERT INTO @.history SELECT * FROM unnest("
+        + ", ".join(f"%s::{t}[]" for t in _HISTORY_TYPES)
+        + ")",
         "live_key": f"SELECT {_COLS} FROM @.tasks WHERE key = %s AND status IN {LIVE_SQL}",
         "insert_history": "INSERT INTO @.history VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         + _HISTORY_CONFLICT,

@@ -60,13 +60,23 @@ from ..._errors import InvalidTransition, JournalError
 from ..._states import TaskStatus
 from .._group_commit import GroupCommit
 from .._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
-from .._sql import COLUMNS, Op, SQLJournal, check_seconds, close_all, not_open, to_row
+from .._sql import (
+    COLUMNS,
+    Op,
+    SQLJournal,
+    check_batch,
+    check_seconds,
+    close_all,
+    not_open,
+    to_row,
+)
 from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
 from ._ops import (
     OPS,
     _Apply,
     _ApplySoon,
     _Insert,
+    _InsertMany,
     _Op,
 )
 from ._schema import _BUMP_REV, _CACHE_KIB, _READ_REV, _SQL, MIGRATIONS, SCHEMA_VERSION, prepare
@@ -371,12 +381,23 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
             what = f"apply {op.shape.source}->{op.shape.target} to task {op.change.task_id}"
         elif isinstance(op, _Insert):
             what = f"insert task {op.row.id}"
+        elif isinstance(op, _InsertMany):
+            what = f"insert {len(op.inserts)} tasks"
         error = JournalError(f"cannot {what} in journal {self.path}: {exc}")
         error.__cause__ = exc
         return error
 
     def insert(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
         return self._write(_Insert(row))
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """``Journal.insert_many``: one operation, so one transaction (of the batch it
+        joins); its rows are written set-based with the batch's other inserts."""
+        batch = check_batch(rows)
+        if not batch:
+            return []
+        result: list[TaskRow] = await self._write(_InsertMany(batch))
+        return result
 
     def insert_claimed(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
         """``ClaimingJournal.insert_claimed``: without a key, one set-based INSERT for all

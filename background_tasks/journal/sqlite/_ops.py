@@ -104,6 +104,33 @@ class _Insert(_Op):
         return row
 
 
+class _InsertMany(_Op):
+    """``insert_many``: every row goes with the batch's other plain inserts (one
+    set-based INSERT per ``_MAX_ROWS`` rows, ``_Writer.flush``); a failure of any row
+    fails the whole operation alone (the careful replay's SAVEPOINT undoes them all)."""
+
+    __slots__ = ("inserts",)
+
+    def __init__(self, rows: list[TaskRow]) -> None:
+        super().__init__()
+        self.inserts = [_Insert(row) for row in rows]
+
+    def add(self, w: _Writer) -> None:
+        inserts = self.inserts
+        w.touched.update(op.row.id for op in inserts)
+        w.inserts += inserts
+        self.result = [op.row for op in inserts]
+
+    def run(self, w: _Writer) -> list[TaskRow]:
+        if w.grouped:
+            w.inserts += self.inserts
+            w.flush()
+        else:
+            for op in self.inserts:
+                op.run(w)
+        return [op.row for op in self.inserts]
+
+
 class _Apply(_Op):
     __slots__ = ("change", "shape", "values")
     first = True
