@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from inspect import CO_COROUTINE
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -47,7 +47,7 @@ from ._validate import (
     check_timeout,
 )
 from ._worker import wakeup_class, worker_loop
-from ._writer import StateWriter, cancel_row, requeue_row, reschedule_row
+from ._writer import RoomWriter, StateWriter, cancel_row, requeue_row, reschedule_row
 from .journal import _rows
 from .journal._protocol import Journal, TaskRow
 
@@ -103,6 +103,7 @@ class BackgroundTaskManager:
         max_recoveries: int = 5,
         poll_interval: float = 0.2,
         run_tasks: bool = True,
+        when_full: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
         if queues is not None:
@@ -126,6 +127,12 @@ class BackgroundTaskManager:
         self.max_pending = (
             None if max_pending is None else _check_int("max_pending", max_pending, 1)
         )
+        if when_full not in ("raise", "wait"):
+            raise ValueError(f"when_full must be 'raise' or 'wait', got {when_full!r}")
+        #: at max_pending, submit waits for room (True) or raises QueueFull (False)
+        self.when_full = when_full
+        self._waits_for_room = when_full == "wait"
+        self._admitted = 0  # tasks let past a full max_pending, not yet in the table
         if (
             isinstance(shutdown_timeout, bool)
             or not isinstance(shutdown_timeout, int | float)
@@ -158,7 +165,8 @@ class BackgroundTaskManager:
         self._table = TaskTable(self.keep_finished, journal is not None)
         self._queue = ReadyQueue(self.queues or {})
         self._dispatch = Dispatch(self._queue)
-        self._writer = StateWriter(self._table, self._queue, journal, self.owner, max_recoveries)
+        writer_cls = RoomWriter if self._waits_for_room else StateWriter
+        self._writer = writer_cls(self._table, self._queue, journal, self.owner, max_recoveries)
         self._outcomes = Outcomes(self, self._table, journal)
         self._sync = (
             None
@@ -303,6 +311,7 @@ class BackgroundTaskManager:
         if self._phase is not _Phase.RUNNING:
             return
         self._phase = _Phase.CLOSING
+        self._freed()  # submits waiting for room (when_full="wait") see the shutdown
         tg = self._tg
         assert tg is not None
         assert self._workers_done is not None
@@ -464,7 +473,11 @@ class BackgroundTaskManager:
                 return TaskHandle(self._outcomes, existing.id, existing)
         counts = table.counts
         if self.max_pending is not None and counts[PENDING] + counts[RETRYING] >= self.max_pending:
-            raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            if not self._waits_for_room:
+                raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            options = {"queue": queue, "priority": priority, "delay": delay, "at": at}
+            options |= {"timeout": timeout, "retry": retry, "key": key}
+            return await self._submit_when_room(fn, args, kwargs, options)
 
         now = time.time()
         due = now + wait
@@ -512,6 +525,36 @@ class BackgroundTaskManager:
         else:
             dispatch.push(task)
         return TaskHandle(self._outcomes, task.id, task)
+
+    async def _submit_when_room(
+        self, fn: Any, args: tuple[Any, ...], kwargs: Any, options: dict[str, Any]
+    ) -> TaskHandle[Any]:
+        """``submit`` at a full ``max_pending`` with ``when_full="wait"``: wait until
+        there is room, then submit. Cancelled while waiting, it has stored nothing."""
+        await self._wait_for_room(1)
+        self._admitted += 1
+        try:
+            return await self.submit(fn, *args, kwargs=kwargs, **options)
+        finally:
+            self._admitted -= 1
+            self._freed()
+
+    async def _wait_for_room(self, n: int) -> None:
+        """Until ``n`` more tasks fit below ``max_pending`` (counting the ones already
+        let through whose rows are being written); ManagerNotRunning at shutdown."""
+        assert self.max_pending is not None
+        assert isinstance(self._writer, RoomWriter)
+        counts = self._table.counts
+        while counts[PENDING] + counts[RETRYING] + self._admitted + n > self.max_pending:
+            if self._phase is not _Phase.RUNNING:
+                raise ManagerNotRunning()
+            await self._writer.room().wait()
+        if self._phase is not _Phase.RUNNING:
+            raise ManagerNotRunning()
+
+    def _freed(self) -> None:
+        if isinstance(self._writer, RoomWriter):
+            self._writer.freed()
 
     @overload
     async def submit_many(
@@ -600,29 +643,51 @@ class BackgroundTaskManager:
             check_retry(retry, "retry")
         if not batch:
             return []
-        if self.max_pending is not None:
-            counts = self._table.counts
-            if len(batch) > self.max_pending:
-                raise QueueFull(
-                    f"{len(batch)} tasks cannot fit below max_pending={self.max_pending}"
-                )
-            if counts[PENDING] + counts[RETRYING] + len(batch) > self.max_pending:
+        spec = (registered, fn, batch, queue, priority, timeout, retry, due, wait)
+        if self.max_pending is None:
+            return await self._submit_batch(*spec)
+        n = len(batch)
+        if n > self.max_pending:
+            raise QueueFull(f"{n} tasks cannot fit below max_pending={self.max_pending}")
+        counts = self._table.counts
+        if counts[PENDING] + counts[RETRYING] + self._admitted + n > self.max_pending:
+            if not self._waits_for_room:
                 raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            await self._wait_for_room(n)
+        self._admitted += n
+        try:
+            return await self._submit_batch(*spec)
+        finally:
+            self._admitted -= n
+            self._freed()
 
-        now = self._now()
-        due = now + wait if due is None else due
-        name = (
-            registered.name
-            if registered is not None
-            else getattr(fn, "__qualname__", None) or repr(fn)
-        )
-        run = registered.fn if registered is not None else fn
+    async def _submit_batch(
+        self,
+        registered: RegisteredTask[Any, Any] | None,
+        fn: Any,
+        batch: builtins.list[dict[str, Any]],
+        queue: str,
+        priority: int,
+        timeout: float | None,
+        retry: RetryPolicy | None,
+        at: float | None,
+        delay: float,
+    ) -> builtins.list[TaskHandle[Any]]:
+        """``submit_many`` once its arguments are checked and there is room."""
+        if registered is not None:
+            name, run = registered.name, registered.fn
+        else:
+            name, run = getattr(fn, "__qualname__", None) or repr(fn), fn
         timeout = None if timeout == math.inf else timeout
+        now = self._now()
+        due = now + delay if at is None else at
         tasks = [
-            Task(new_id(), name, run, (), kwargs or None, queue, priority, None, timeout,  # type: ignore[arg-type]
-                 retry, now, due)
-            for kwargs in batch
-        ]  # fmt: skip
+            Task(
+                new_id(), name, run, (), kw or None, queue, priority, None, timeout, retry, now, due
+            )
+            for kw in batch
+        ]
+        journal = self.journal
         if journal is not None:
             rows = [_rows.new_row(task) for task in tasks]  # SerializationError: nothing stored
             try:

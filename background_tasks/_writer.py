@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from ._table import TaskTable
     from ._task import Task
 
-__all__ = ["StateWriter", "cancel_row", "requeue_row", "reschedule_row", "take_over"]
+__all__ = [
+    "RoomWriter", "StateWriter", "cancel_row", "requeue_row", "reschedule_row", "take_over",
+]  # fmt: skip
 
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
@@ -479,6 +481,61 @@ class StateWriter:
         return await take_over(
             self.journal, self.owner, row, time.time(), self.max_recoveries, lease_before
         )
+
+
+class RoomWriter(StateWriter):
+    """The state writer of a manager whose ``submit`` waits for room at ``max_pending``
+    (``when_full="wait"``): after every change that may leave fewer tasks waiting (a
+    start, a transition, a task lost to another manager) it wakes the submits waiting
+    for room, which count again. A subclass, so that a manager that raises ``QueueFull``
+    instead pays nothing for it on its hot path."""
+
+    __slots__ = ("_room",)
+
+    def __init__(
+        self,
+        table: TaskTable,
+        queue: ReadyQueue,
+        journal: Journal | None,
+        owner: str,
+        max_recoveries: int,
+    ) -> None:
+        super().__init__(table, queue, journal, owner, max_recoveries)
+        self._room: anyio.Event | None = None
+
+    def room(self) -> anyio.Event:
+        """An event set at the next change that may have made room."""
+        if self._room is None:
+            self._room = anyio.Event()
+        return self._room
+
+    def freed(self) -> None:
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    def start(self, task: Task) -> bool:
+        started = super().start(task)
+        self.freed()
+        return started
+
+    def commit(
+        self,
+        task: Task,
+        target: TaskStatus,
+        now: float,
+        result: Any = None,
+        error: BaseException | None = None,
+        retry_at: float = 0.0,
+        info: ErrorInfo | None = None,
+    ) -> None:
+        super().commit(task, target, now, result, error, retry_at, info)
+        self.freed()
+
+    def lose(self, task: Task) -> None:
+        super().lose(task)
+        self.freed()
 
 
 def _landed(row: TaskRow | None, change: Change, owner: str) -> bool:

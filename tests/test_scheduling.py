@@ -496,3 +496,145 @@ async def test_submit_many_with_a_key_option_is_refused() -> None:
     async with manager:
         with pytest.raises(ValueError, match="key"):
             await job.options(key="k").submit_many([{"n": 1}])
+
+
+# ------------------------------------------------------------------ when_full="wait"
+
+
+async def test_when_full_wait_waits_for_room(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager(max_pending=2, when_full="wait", max_concurrency=1)
+    gate = anyio.Event()
+
+    @manager.task(name="job")
+    async def job(n: int) -> int:
+        await gate.wait()
+        return n
+
+    async with manager:
+        first = await job.submit(0)
+        await _wait(manager, first.id, R)  # running: not counted
+        waiting = [await job.submit(1), await job.submit(2)]
+        got: list[Any] = []
+
+        async def third() -> None:
+            got.append(await job.submit(3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(third)
+            await anyio.sleep(0.1)
+            assert got == []  # still waiting for room
+            assert manager.statistics().pending == 2
+            gate.set()  # the first ends, the second starts: room for the third
+        with anyio.fail_after(5):
+            assert [await h for h in [first, *waiting, *got]] == [0, 1, 2, 3]
+
+
+async def test_cancelling_a_waiting_submit_stores_nothing(
+    make_manager: Callable[..., BackgroundTaskManager],
+) -> None:
+    manager = make_manager(max_pending=1, when_full="wait")
+
+    @manager.task(name="job")
+    async def job(n: int) -> None:
+        pass
+
+    async with manager:
+        held = await job.options(delay=3600).submit(0)
+        with anyio.move_on_after(0.1) as scope:
+            await job.submit(1)
+        assert scope.cancelled_caught
+        records = await manager.list()
+        assert [r.id for r in records] == [held.id]
+        assert manager.statistics().pending == 1
+        await manager.cancel(held.id)  # room again: the next submit goes straight in
+        with anyio.fail_after(5):
+            await (await job.submit(2))
+
+
+async def test_submit_many_waits_for_room_for_all_of_it() -> None:
+    manager = BackgroundTaskManager(max_pending=3, when_full="wait")
+
+    @manager.task(name="job")
+    async def job(n: int) -> int:
+        return n
+
+    async with manager:
+        held = [await job.options(delay=3600).submit(i) for i in range(2)]
+        done: list[list[Any]] = []
+
+        async def many() -> None:
+            done.append(await job.submit_many([{"n": 10}, {"n": 11}]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(many)
+            await anyio.sleep(0.05)
+            assert done == []
+            await manager.cancel(held[0].id)  # room for both now
+        with anyio.fail_after(5):
+            assert [await h for h in done[0]] == [10, 11]
+        with pytest.raises(QueueFull, match="cannot fit"):
+            await job.submit_many([{"n": i} for i in range(4)])
+        await manager.cancel(held[1].id)
+
+
+async def test_a_waiting_submit_at_shutdown_raises_manager_not_running() -> None:
+    manager = BackgroundTaskManager(max_pending=1, when_full="wait")
+    outcome: list[BaseException] = []
+
+    async def job() -> None:
+        pass
+
+    async with anyio.create_task_group() as tg, manager:
+        await manager.submit(job, delay=3600)
+
+        async def blocked() -> None:
+            try:
+                await manager.submit(job)
+            except ManagerNotRunning as exc:
+                outcome.append(exc)
+
+        tg.start_soon(blocked)
+        await anyio.sleep(0.05)
+    assert len(outcome) == 1
+
+
+async def test_when_full_raise_is_the_default_and_bad_values_are_refused() -> None:
+    assert BackgroundTaskManager().when_full == "raise"
+    with pytest.raises(ValueError, match="when_full"):
+        BackgroundTaskManager(when_full="block")  # type: ignore[arg-type]
+    async with BackgroundTaskManager(max_pending=1) as manager:
+        await manager.submit(noop, delay=3600)
+        with pytest.raises(QueueFull):
+            await manager.submit(noop)
+
+
+async def test_waiting_submits_never_overshoot_max_pending() -> None:
+    """Many submitters waiting at once: the bound holds at every moment."""
+    manager = BackgroundTaskManager(max_pending=5, when_full="wait", max_concurrency=2)
+    peak = 0
+
+    async def job() -> None:
+        nonlocal peak
+        stats = manager.statistics()
+        peak = max(peak, stats.pending + stats.retrying)
+        await anyio.sleep(0.001)
+
+    async with manager:
+        handles: list[Any] = []
+
+        async def submitter() -> None:
+            for _ in range(20):
+                handles.append(await manager.submit(job))
+                stats = manager.statistics()
+                assert stats.pending + stats.retrying <= 5
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(submitter)
+            for handle in handles:
+                await handle
+    assert len(handles) == 200
+    assert peak <= 5
