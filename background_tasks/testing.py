@@ -47,6 +47,8 @@ from .journal._protocol import (
     Journal,
     LivenessJournal,
     NotifyingJournal,
+    PeriodicJournal,
+    PeriodicRow,
     TaskRow,
 )
 
@@ -141,6 +143,7 @@ _VERBS: dict[type[Any], str] = {
     NotifyingJournal: "wait_for_changes",
     LivenessJournal: "orphaned",
     InspectableJournal: "counts_by_queue",
+    PeriodicJournal: "advance_periodic",
 }
 
 
@@ -840,6 +843,79 @@ class JournalContract:
                 await journal.wait_for_changes(30)
 
     # ------------------------------------------------------------------ InspectableJournal
+
+    async def test_periodic_state_advances_from_the_version_seen(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return  # checked: it offers none of it
+        assert isinstance(journal, PeriodicJournal)
+        assert isinstance(peer, PeriodicJournal)
+        assert await journal.periodic() == []
+        first = PeriodicRow("nightly", "cron 0 3 * * * (UTC)", 100.0, 200.0, None, 1)
+        assert await journal.advance_periodic(first, None) is True
+        assert await peer.advance_periodic(first, None) is False  # created once
+        assert await peer.periodic() == [first]
+        _, cursor = await peer.changes(0, PEER)
+        task = make_row(name="nightly", key="periodic:nightly:200", scheduled_at=200.0)
+        fired = PeriodicRow("nightly", first.schedule, 200.0, 300.0, task.id, 2)
+        assert await journal.advance_periodic(fired, task) is True
+        assert await journal.advance_periodic(fired, make_row()) is False  # stale now
+        assert await journal.get(task.id) == task
+        assert [(h.source, h.target) for h in await journal.history(task.id)] == [(None, P)]
+        seen, _ = await peer.changes(cursor, PEER)
+        assert [r.id for r in seen] == [task.id]  # others see the tick's task
+        skipped = PeriodicRow("nightly", first.schedule, 300.0, 400.0, task.id, 3)
+        assert await peer.advance_periodic(skipped, None) is True  # no task: a skipped tick
+        other = PeriodicRow("hourly", "every 3600s", 0.0, 3600.0, None, 1)
+        assert await peer.advance_periodic(other, None) is True
+        assert await journal.periodic() == [other, skipped]
+        assert (await journal.counts())[P] == 1
+
+    async def test_one_tick_decided_by_two_journals_fires_once(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return
+        assert isinstance(journal, PeriodicJournal)
+        assert isinstance(peer, PeriodicJournal)
+        base = PeriodicRow("poll", "every 1s", 10.0, 11.0, None, 1)
+        assert await journal.advance_periodic(base, None)
+        results: list[bool] = []
+
+        async def fire(j: PeriodicJournal, row: TaskRow, v: int) -> None:
+            state = PeriodicRow("poll", "every 1s", 10.0 + v, 11.0 + v, row.id, v)
+            results.append(await j.advance_periodic(state, row))
+
+        for version in range(2, 12):  # ten ticks, each written by both at once
+            rows = [make_row(name="poll"), make_row(name="poll")]
+            results.clear()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fire, journal, rows[0], version)
+                tg.start_soon(fire, peer, rows[1], version)
+            assert sorted(results) == [False, True]
+            stored = [r for r in rows if await journal.get(r.id) is not None]
+            assert len(stored) == 1
+            (state,) = await journal.periodic()
+            assert (state.version, state.task_id) == (version, stored[0].id)
+        assert (await journal.counts())[P] == 10
+
+    async def test_a_tick_whose_task_fails_to_store_advances_nothing(
+        self, journal: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return
+        assert isinstance(journal, PeriodicJournal)
+        base = PeriodicRow("job", "every 1s", 10.0, 11.0, None, 1)
+        assert await journal.advance_periodic(base, None)
+        taken = await journal.insert(make_row())
+        clash = dataclasses.replace(make_row(), id=taken.id)  # the id of a stored task
+        with pytest.raises(JournalError):
+            await journal.advance_periodic(
+                PeriodicRow("job", "every 1s", 11, 12, clash.id, 2), clash
+            )
+        assert await journal.periodic() == [base]
 
     async def test_counts_by_queue_finished_since_and_oldest(self, journal: Journal) -> None:
         if not _capable(journal, InspectableJournal):

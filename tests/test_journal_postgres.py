@@ -164,7 +164,7 @@ def schema(_schemas: tuple[psycopg.Connection[Any], list[str], set[str]]) -> Ite
         found = conn.execute(f"SELECT value FROM {s}.meta WHERE key = 'schema_version'").fetchone()
         assert found == (SCHEMA_VERSION,)
         conn.execute(
-            f"BEGIN; DELETE FROM {s}.tasks; DELETE FROM {s}.history;"
+            f"BEGIN; DELETE FROM {s}.tasks; DELETE FROM {s}.history; DELETE FROM {s}.periodic;"
             f" UPDATE {s}.meta SET value = 0 WHERE key = 'rev'; COMMIT"
         )
         free.append(name)
@@ -330,7 +330,7 @@ async def test_schema_tables_and_version(journal: PostgresJournal, pg_dsn: str) 
         version = conn.execute(
             f"SELECT value FROM \"{journal.schema}\".meta WHERE key = 'schema_version'"
         ).fetchone()
-    assert tables == {"meta", "tasks", "history"}
+    assert tables == {"meta", "tasks", "history", "periodic"}
     assert version == (SCHEMA_VERSION,)
 
 

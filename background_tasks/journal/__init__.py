@@ -15,6 +15,8 @@ from ._protocol import InspectableJournal as InspectableJournal
 from ._protocol import Journal as Journal
 from ._protocol import LivenessJournal as LivenessJournal
 from ._protocol import NotifyingJournal as NotifyingJournal
+from ._protocol import PeriodicJournal as PeriodicJournal
+from ._protocol import PeriodicRow as PeriodicRow
 from ._protocol import TaskRow as TaskRow
 
 __all__ = (
@@ -25,5 +27,7 @@ __all__ = (
     "Journal",
     "LivenessJournal",
     "NotifyingJournal",
+    "PeriodicJournal",
+    "PeriodicRow",
     "TaskRow",
 )

@@ -12,8 +12,9 @@ All times are epoch seconds (``time.time()``); statuses are ``TaskStatus`` value
 uses when it is there, is a protocol of its own, checked with ``isinstance``:
 ``ClaimingJournal`` (insert a task already claimed), ``BatchingJournal`` (apply without
 waiting for the commit), ``NotifyingJournal`` (wake up when another process writes),
-``LivenessJournal`` (tell which owners are dead) and ``InspectableJournal`` (the
-aggregates ``bgtasks status`` shows). Each one extends
+``LivenessJournal`` (tell which owners are dead), ``InspectableJournal`` (the
+aggregates ``bgtasks status`` shows) and ``PeriodicJournal`` (the state of periodic
+tasks, for ticks fired once over all managers). Each one extends
 ``Journal``; a journal class may subclass the protocols it implements.
 ``background_tasks.testing.JournalContract`` tests all of them.
 """
@@ -30,7 +31,7 @@ from .._states import TaskStatus
 
 __all__ = [
     "BatchingJournal", "Change", "ClaimingJournal", "InspectableJournal", "Journal",
-    "LivenessJournal", "NotifyingJournal", "TaskRow",
+    "LivenessJournal", "NotifyingJournal", "PeriodicJournal", "PeriodicRow", "TaskRow",
 ]  # fmt: skip
 
 
@@ -61,6 +62,18 @@ class TaskRow:
     lease_until: float | None = None
     cancel_requested: bool = False
     version: int = 0  # bumped by every applied Change; the optimistic-concurrency token
+
+
+@dataclass(slots=True)
+class PeriodicRow:
+    """The state of one periodic task, as a ``PeriodicJournal`` keeps it."""
+
+    name: str  # the periodic (and registered) task's name
+    schedule: str  # the schedule as text: "cron */5 * * * * (UTC)", "every 300s"
+    last_tick: float  # the latest tick decided: fired, skipped or missed
+    next_tick: float  # the tick after it, as the manager that decided it computed it
+    task_id: str | None  # the task of the latest fired tick (None before the first)
+    version: int  # bumped by every write; the optimistic-concurrency token
 
 
 @dataclass(slots=True)
@@ -286,3 +299,26 @@ class LivenessJournal(Journal, Protocol):
         """RUNNING rows whose owner is dead, as far as the journal can see; never this
         journal's own. The manager takes them over with ``apply`` (the row's version
         fences a late write)."""
+
+
+@runtime_checkable
+class PeriodicJournal(Journal, Protocol):
+    """A journal that keeps the state of periodic tasks, so that managers sharing it
+    fire each tick once in all (no leader: the journal's conditional write decides).
+
+    One row per periodic task (``PeriodicRow``), advanced only from the version its
+    writer saw, in the same transaction as the task of the tick it fires: two managers
+    that decide one tick both write it, and exactly one write applies.
+    """
+
+    async def periodic(self) -> builtins.list[PeriodicRow]:
+        """Every periodic task's state, by name."""
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """Store ``state`` if the periodic row ``state.name`` is at ``state.version - 1``
+        (none stored yet, for ``state.version == 1``), and with it, in one transaction,
+        ``row`` when given: the tick's new PENDING task, stored as ``insert`` stores a
+        task without looking at its key (a live task holding the key fails the whole
+        write). False, and nothing written, when the periodic row is at another version
+        (another manager decided first). Durable before it returns.
+        """

@@ -34,7 +34,7 @@ from .._errors import JournalError
 from .._models import ErrorInfo, TransitionRecord, utc
 from .._states import TaskStatus
 from ._group_commit import purge_in_steps
-from ._protocol import TaskRow
+from ._protocol import PeriodicRow, TaskRow
 
 __all__ = [
     "CLEARS_CANCEL",
@@ -249,7 +249,7 @@ class SQLJournal:
     """The verbs both SQL journals run the same way (see the module docstring)."""
 
     #: the statements ``SQLJournal`` runs, by name: get, select (a ``list`` without its
-    #: WHERE), history, expired, counts, counts_by_queue, finished_since, oldest
+    #: WHERE), history, expired, counts, counts_by_queue, finished_since, oldest, periodic
     _sql: dict[str, str]
     #: the driver's placeholder for a bound value
     _mark: ClassVar[str]
@@ -342,3 +342,9 @@ class SQLJournal:
         """The earliest created task in ``status`` (ids sort by creation); None if none."""
         found = await self._fetch(self._sql["oldest"], (TaskStatus(status).value,))
         return to_row(found[0]) if found else None
+
+    # ------------------------------------------------------------------ PeriodicJournal
+
+    async def periodic(self) -> builtins.list[PeriodicRow]:
+        """Every periodic task's state, by name."""
+        return [PeriodicRow(*r) for r in await self._fetch(self._sql["periodic"])]

@@ -93,7 +93,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..._errors import InvalidTransition, JournalError
 from .._group_commit import GroupCommit
-from .._protocol import Change, InspectableJournal, NotifyingJournal, TaskRow
+from .._protocol import (
+    Change,
+    InspectableJournal,
+    NotifyingJournal,
+    PeriodicJournal,
+    PeriodicRow,
+    TaskRow,
+)
 from .._sql import (
     CLEARS_CANCEL,
     Op,
@@ -108,6 +115,7 @@ from .._sql import (
 from ._listen import Listener
 from ._ops import (
     OPS,
+    _AdvancePeriodic,
     _Apply,
     _Insert,
     _InsertMany,
@@ -171,7 +179,7 @@ def _redact(dsn: str) -> tuple[str, str | None]:
     return f"{scheme}://{netloc}{slash}{path}{question if query else ''}{query}", password
 
 
-class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
+class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal, PeriodicJournal):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
     ``dsn`` is a libpq connection string or URI (``postgresql://user:pw@host/db``);
@@ -466,6 +474,12 @@ class PostgresJournal(SQLJournal, NotifyingJournal, InspectableJournal):
         if not batch:
             return []
         result: list[TaskRow] = await self._write(_InsertMany(batch))
+        return result
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """``PeriodicJournal.advance_periodic``: a conditional UPDATE (or the first
+        INSERT) of the periodic row, then the tick's task, in the batch's transaction."""
+        result: bool = await self._write(_AdvancePeriodic(state, row))
         return result
 
     async def apply(self, change: Change) -> bool:

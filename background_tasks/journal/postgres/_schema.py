@@ -76,6 +76,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (task_id, seq)
         )""",
     ),
+    (
+        # Periodic tasks: one row per name, advanced by a conditional UPDATE (on
+        # version) in the same transaction as the task of the tick it fires.
+        """CREATE TABLE @.periodic (
+            name text COLLATE "C" PRIMARY KEY,
+            schedule text NOT NULL,
+            last_tick double precision NOT NULL,
+            next_tick double precision NOT NULL,
+            task_id text,
+            version bigint NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this code writes; a schema with a newer one is refused at open.
@@ -145,6 +157,14 @@ def statements(s: str) -> dict[str, str]:
         "finished_since": "SELECT status, count(*) FROM @.tasks"
         f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",
         "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
+        "periodic": "SELECT name, schedule, last_tick, next_tick, task_id, version"
+        " FROM @.periodic ORDER BY name",
+        "periodic_first": "INSERT INTO @.periodic"
+        " (name, schedule, last_tick, next_tick, task_id, version)"
+        " VALUES (%s, %s, %s, %s, %s, 1) ON CONFLICT (name) DO NOTHING RETURNING version",
+        "periodic_advance": "UPDATE @.periodic SET schedule = %s, last_tick = %s,"
+        " next_tick = %s, task_id = %s, version = version + 1"
+        " WHERE name = %s AND version = %s RETURNING version",
     }
     insert_keyed = sql["insert"] + (
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {LIVE_SQL} DO NOTHING"

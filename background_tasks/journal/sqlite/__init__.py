@@ -59,7 +59,15 @@ import anyio.to_thread
 from ..._errors import InvalidTransition, JournalError
 from ..._states import TaskStatus
 from .._group_commit import GroupCommit
-from .._protocol import BatchingJournal, Change, ClaimingJournal, InspectableJournal, TaskRow
+from .._protocol import (
+    BatchingJournal,
+    Change,
+    ClaimingJournal,
+    InspectableJournal,
+    PeriodicJournal,
+    PeriodicRow,
+    TaskRow,
+)
 from .._sql import (
     COLUMNS,
     Op,
@@ -73,6 +81,7 @@ from .._sql import (
 from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
 from ._ops import (
     OPS,
+    _AdvancePeriodic,
     _Apply,
     _ApplySoon,
     _Insert,
@@ -110,7 +119,9 @@ def _is_busy(exc: BaseException) -> bool:
     )
 
 
-class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal):
+class SQLiteJournal(
+    SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal, PeriodicJournal
+):
     """A journal in one SQLite file (WAL mode), safe to share between processes.
 
     ``synchronous="FULL"`` (the default) makes every acknowledged write survive a power
@@ -397,6 +408,12 @@ class SQLiteJournal(SQLJournal, ClaimingJournal, BatchingJournal, InspectableJou
         if not batch:
             return []
         result: list[TaskRow] = await self._write(_InsertMany(batch))
+        return result
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """``PeriodicJournal.advance_periodic``: one operation (a conditional UPDATE, or
+        the first INSERT, then the tick's task) in the batch's transaction."""
+        result: bool = await self._write(_AdvancePeriodic(state, row))
         return result
 
     def insert_claimed(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:

@@ -68,6 +68,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (task_id, seq)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Periodic tasks: one row per name, advanced by a conditional UPDATE (on
+        # version) in the same transaction as the task of the tick it fires.
+        """CREATE TABLE periodic (
+            name TEXT PRIMARY KEY NOT NULL,
+            schedule TEXT NOT NULL,
+            last_tick REAL NOT NULL,
+            next_tick REAL NOT NULL,
+            task_id TEXT,
+            version INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    ),
 )
 
 #: The schema version this code writes; a journal with a newer one is refused at open.
@@ -103,6 +115,8 @@ _SQL: Final = {
     f" WHERE finished_at >= ? AND finished_at IS NOT NULL AND status IN {TERMINAL_SQL}"
     " GROUP BY status",
     "oldest": _SELECT + " WHERE status = ? ORDER BY id LIMIT 1",
+    "periodic": "SELECT name, schedule, last_tick, next_tick, task_id, version FROM periodic"
+    " ORDER BY name",
 }
 
 #: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
