@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from inspect import CO_COROUTINE
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
@@ -30,6 +30,7 @@ from ._events import log
 from ._handle import Outcomes, TaskHandle
 from ._ids import new_id
 from ._models import TaskRecord, TransitionRecord
+from ._periodic import Scheduler
 from ._queue import Dispatch, ReadyQueue, Wakeup
 from ._registry import RegisteredTask, TaskRegistry, is_async_callable
 from ._retry import RetryPolicy
@@ -49,7 +50,7 @@ from ._validate import (
 from ._worker import wakeup_class, worker_loop
 from ._writer import RoomWriter, StateWriter, cancel_row, requeue_row, reschedule_row
 from .journal import _rows
-from .journal._protocol import Journal, TaskRow
+from .journal._protocol import Journal, PeriodicJournal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "Statistics"]
 
@@ -233,14 +234,41 @@ class BackgroundTaskManager:
             fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
         )
 
+    def periodic(
+        self,
+        schedule: str | None = None,
+        *,
+        every: timedelta | float | None = None,
+        name: str | None = None,
+        timezone: str | tzinfo = "UTC",
+        missed: Literal["latest", "skip"] = "latest",
+        overlap: bool = False,
+        queue: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[Callable[[], Coroutine[Any, Any, R]]], RegisteredTask[[], R]]:
+        """Register a periodic task (``TaskRegistry.periodic``): each due tick of the cron
+        ``schedule`` or of ``every`` becomes one ordinary task, run once in all by the
+        managers sharing this manager's journal, whichever of them is up."""
+        if queue is not None:
+            self._check_queue(queue)
+        return self.registry.periodic(
+            schedule, every=every, name=name, timezone=timezone, missed=missed,
+            overlap=overlap, queue=queue, priority=priority, timeout=timeout, retry=retry,
+        )  # fmt: skip
+
     def include(self, registry: TaskRegistry) -> None:
-        """Adopt the tasks of a standalone ``TaskRegistry`` (and bind their ``.submit``)."""
+        """Adopt the tasks of a standalone ``TaskRegistry`` (and bind their ``.submit``),
+        its periodic tasks too."""
         for name, registered in registry.tasks.items():
             if name in self.registry.tasks and self.registry.tasks[name] is not registered:
                 raise ValueError(f"a task named {name!r} is already registered")
             if registered.options_["queue"] is not None:
                 self._check_queue(registered.options_["queue"])
+        for name, registered in registry.tasks.items():
             self.registry.tasks[name] = registered
+        self.registry.periodics.update(registry.periodics)
         registry.bind(self)
 
     # ---------------------------------------------------------------- lifecycle
@@ -264,6 +292,12 @@ class BackgroundTaskManager:
         self._wakeup_cls = wakeup_class()
         self._scope_cls = type(anyio.CancelScope())
         journal, sync = self.journal, self._sync
+        periodics = builtins.list(self.registry.periodics.values())
+        if periodics and journal is not None and not isinstance(journal, PeriodicJournal):
+            raise ValueError(
+                f"{journal!r} cannot keep periodic tasks (it is no PeriodicJournal), and this"
+                f" manager has some: {', '.join(p.name for p in periodics)}"
+            )
         if journal is not None:
             await journal.open(self.owner)
         tg = anyio.create_task_group()
@@ -295,6 +329,21 @@ class BackgroundTaskManager:
         else:  # submit and watch only: the journal's other managers run the tasks
             self._workers_left = 0
             self._workers_done.set()
+        if periodics:
+            scheduler = Scheduler(
+                periodics,
+                self.registry,
+                journal if isinstance(journal, PeriodicJournal) else None,
+                self._writer,
+                self._table,
+                self._dispatch,
+                sync,
+                self.default_timeout,
+                self.default_retry,
+                self.run_tasks,
+                self._now,
+            )
+            tg.start_soon(scheduler.run)
         self._phase = _Phase.RUNNING
         return self
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -721,3 +722,31 @@ async def test_reschedule_from_another_manager_moves_the_task_where_it_is_queued
             assert await front.handle(handle.id) == record.scheduled_at.timestamp()
         history = [(h.source, h.target) for h in await front.history(handle.id)]
     assert history == [(None, P), (P, P), (P, R), (R, C)]
+
+
+async def test_three_managers_fire_each_periodic_tick_once(
+    pg_dsn: str, schema: str, anyio_backend: object
+) -> None:
+    from background_tasks import current_task
+
+    seen: list[tuple[str, float]] = []
+
+    def make(label: str) -> BackgroundTaskManager:
+        m = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema))
+
+        @m.periodic(every=0.1, name="tick", overlap=True)
+        async def tick() -> None:
+            seen.append((label, current_task().scheduled_at.timestamp()))
+
+        return m
+
+    a, b, c = make("a"), make("b"), make("c")
+    async with a, b, c:
+        await anyio.sleep(1.25)
+        assert isinstance(a.journal, PostgresJournal)
+        (state,) = await a.journal.periodic()
+    times = sorted(t for _, t in seen)
+    assert len(times) >= 9
+    assert len(set(times)) == len(times)  # never twice
+    assert all(abs(y - x - 0.1) < 1e-6 for x, y in itertools.pairwise(times))
+    assert state.schedule == "every 0.1s"

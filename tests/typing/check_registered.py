@@ -22,6 +22,23 @@ async def bare(n: int) -> int:
     return n
 
 
+@manager.periodic("*/5 * * * *", name="cleanup")
+async def cleanup() -> int:
+    return 0
+
+
+@registry.periodic(every=60, name="poll", missed="skip")
+async def poll() -> None:
+    pass
+
+
+async def check_periodic() -> None:
+    now: TaskHandle[int] = await cleanup.submit()  # run a periodic task now, by hand
+    count: int = await cleanup()
+    await cleanup.submit(1)  # type: ignore[call-arg]
+    del now, count
+
+
 async def check_submit() -> None:
     handle: TaskHandle[str] = await send_email.submit("a@example.com", subject="hi")
     result: str = await handle
