@@ -594,12 +594,12 @@ class BackgroundTaskManager:
         assert self.max_pending is not None
         assert isinstance(self._writer, RoomWriter)
         counts = self._table.counts
-        while counts[PENDING] + counts[RETRYING] + self._admitted + n > self.max_pending:
+        while True:
             if self._phase is not _Phase.RUNNING:
                 raise ManagerNotRunning()
+            if counts[PENDING] + counts[RETRYING] + self._admitted + n <= self.max_pending:
+                return
             await self._writer.room().wait()
-        if self._phase is not _Phase.RUNNING:
-            raise ManagerNotRunning()
 
     def _freed(self) -> None:
         if isinstance(self._writer, RoomWriter):

@@ -490,18 +490,8 @@ class RoomWriter(StateWriter):
     for room, which count again. A subclass, so that a manager that raises ``QueueFull``
     instead pays nothing for it on its hot path."""
 
-    __slots__ = ("_room",)
-
-    def __init__(
-        self,
-        table: TaskTable,
-        queue: ReadyQueue,
-        journal: Journal | None,
-        owner: str,
-        max_recoveries: int,
-    ) -> None:
-        super().__init__(table, queue, journal, owner, max_recoveries)
-        self._room: anyio.Event | None = None
+    # No __slots__ (one writer per manager): the constructor stays StateWriter's.
+    _room: anyio.Event | None = None
 
     def room(self) -> anyio.Event:
         """An event set at the next change that may have made room."""

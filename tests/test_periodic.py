@@ -545,3 +545,110 @@ def test_bgtasks_status_lists_periodic_tasks(tmp_path: Path, capsys: Any) -> Non
     line = next(line for line in out.splitlines() if line.startswith("cleanup"))
     assert "cron */5 * * * * (Europe/Paris)" in line
     assert "in " in line  # the next tick is ahead
+
+
+def test_bad_types_of_schedule_interval_and_zone_are_type_errors() -> None:
+    from datetime import timezone as fixed
+
+    with pytest.raises(TypeError, match="cron schedule is a str"):
+        Cron(5, UTC, "UTC")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="seconds or a timedelta"):
+        Every("60")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="time zone name or a tzinfo"):
+        parse_schedule("0 3 * * *", None, 2)  # type: ignore[arg-type]
+    plus_two = fixed(timedelta(hours=2))
+    cron = parse_schedule("0 3 * * *", None, plus_two)
+    assert isinstance(cron, Cron)
+    tick = cron.next_after(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
+    assert datetime.fromtimestamp(tick, UTC).hour == 1
+    assert isinstance(parse_schedule(None, 60, fixed(timedelta(0))), Every)
+
+
+@pytest.mark.anyio
+async def test_a_journal_without_periodic_state_is_refused_at_start(tmp_path: Path) -> None:
+    class Plain:
+        """A journal with everything but the PeriodicJournal verbs."""
+
+        def __init__(self, inner: SQLiteJournal) -> None:
+            self._inner = inner
+            self.lease_timeout = inner.lease_timeout
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("periodic", "advance_periodic"):
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    manager = BackgroundTaskManager(journal=Plain(SQLiteJournal(tmp_path / "t.db")))  # type: ignore[arg-type]
+
+    @manager.periodic(every=60, name="p")
+    async def p() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="cannot keep periodic tasks"):
+        await manager.__aenter__()
+    assert not (tmp_path / "t.db").exists()  # refused before the journal was opened
+
+
+@pytest.mark.anyio
+async def test_a_tick_whose_write_failed_but_landed_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[MutableMapping[str, Any]]
+) -> None:
+    """The commit of a tick lands but its answer is lost (JournalError): the scheduler
+    logs it, reads the state again, finds its own task there and runs it."""
+    from background_tasks import JournalError
+
+    journal = SQLiteJournal(tmp_path / "t.db")
+    manager = BackgroundTaskManager(journal=journal)
+    ran: list[float] = []
+    real = journal.advance_periodic
+    lost: list[float] = []
+    two = anyio.Event()
+
+    async def lossy(state: Any, row: Any) -> bool:
+        applied = await real(state, row)
+        if row is not None and not lost:
+            lost.append(row.scheduled_at)
+            raise JournalError("the answer of the commit was lost")
+        return applied
+
+    monkeypatch.setattr(journal, "advance_periodic", lossy)
+
+    @manager.periodic(every=0.2, name="tick")
+    async def tick() -> None:
+        ran.append(current_task().scheduled_at.timestamp())
+        if len(ran) >= 2:
+            two.set()
+
+    async with manager:
+        with anyio.fail_after(5):
+            await two.wait()
+    assert ran[0] == lost[0]  # the tick whose answer was lost ran, once
+    assert ran.count(lost[0]) == 1
+    errors = [e for e in events if e["event"] == "periodic_scheduler_error"]
+    assert len(errors) == 1
+
+
+@pytest.mark.anyio
+async def test_a_manager_that_runs_no_tasks_fires_ticks_that_another_runs(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    front = BackgroundTaskManager(journal=SQLiteJournal(path), run_tasks=False)
+    runner = BackgroundTaskManager(journal=SQLiteJournal(path), poll_interval=0.05)
+    ran: list[tuple[float, str | None]] = []
+    three = anyio.Event()
+
+    @front.periodic(every=0.1, name="tick")
+    async def tick() -> None:
+        pass
+
+    @runner.task(name="tick")  # the same task, not periodic here: only front fires it
+    async def run_tick() -> None:
+        ctx = current_task()
+        ran.append((ctx.scheduled_at.timestamp(), ctx.name))
+        if len(ran) >= 3:
+            three.set()
+
+    async with front, runner:
+        with anyio.fail_after(5):
+            await three.wait()
+    assert {name for _, name in ran} == {"tick"}
+    assert len({t for t, _ in ran}) == len(ran)

@@ -638,3 +638,74 @@ async def test_waiting_submits_never_overshoot_max_pending() -> None:
                 await handle
     assert len(handles) == 200
     assert peak <= 5
+
+
+async def test_a_batch_whose_commit_answer_was_lost_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """insert_many committed, then raised (a lost answer): the caller gets the error,
+    and the manager finds the batch stored (all or none) and runs it."""
+    from background_tasks import JournalError
+
+    journal = SQLiteJournal(tmp_path / "t.db")
+    manager = BackgroundTaskManager(journal=journal)
+    real = journal.insert_many
+    calls = 0
+
+    async def lossy(rows: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await real(rows)
+            raise JournalError("the answer of the commit was lost")
+        raise JournalError("the journal is away")  # stored nothing
+
+    monkeypatch.setattr(journal, "insert_many", lossy)
+    ran: list[int] = []
+    done = anyio.Event()
+
+    @manager.task(name="job")
+    async def job(n: int) -> None:
+        ran.append(n)
+        if len(ran) == 3:
+            done.set()
+
+    async with manager:
+        with pytest.raises(JournalError, match="lost"):
+            await job.submit_many([{"n": 1}, {"n": 2}, {"n": 3}])
+        with pytest.raises(JournalError, match="away"):
+            await job.submit_many([{"n": 4}])
+        with anyio.fail_after(5):
+            await done.wait()
+        await anyio.sleep(0.1)
+    assert sorted(ran) == [1, 2, 3]
+
+
+async def test_reschedule_of_a_task_another_manager_moved_first(tmp_path: Path) -> None:
+    """Both managers hold the task queued; ``b`` reschedules it, then ``a`` (which has
+    not seen that yet): a's write is refused at its stale version, and a reschedules
+    through the row instead. The last reschedule wins; the task runs once."""
+    path = tmp_path / "shared.db"
+    a = BackgroundTaskManager(journal=SQLiteJournal(path), poll_interval=1.0)
+    b = BackgroundTaskManager(journal=SQLiteJournal(path), poll_interval=0.05)
+    runs: list[str] = []
+    for manager, label in ((a, "a"), (b, "b")):
+
+        @manager.task(name="later")
+        async def later(label: str = label) -> None:
+            runs.append(label)
+
+    async with a, b:
+        handle = await a.submit("later", delay=3600)
+        with anyio.fail_after(5):
+            while handle.id not in b._table.tasks:  # noqa: ASYNC110 - b's watcher takes it
+                await anyio.sleep(0.01)
+        await b.reschedule(handle.id, delay=1800)
+        at = datetime.now(UTC) + timedelta(seconds=0.1)
+        record = await a.reschedule(handle.id, at=at)
+        assert (record.status, record.scheduled_at) == (P, at)
+        with anyio.fail_after(5):
+            await a.handle(handle.id)
+        history = await a.history(handle.id)
+    assert len(runs) == 1
+    assert [(h.source, h.target) for h in history][:3] == [(None, P), (P, P), (P, P)]
