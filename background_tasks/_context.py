@@ -6,7 +6,12 @@ import math
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from ._models import utc
+from ._periodic import tick_of
+
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from ._task import Task
     from ._writer import StateWriter
 
@@ -40,6 +45,18 @@ class TaskContext:
     @property
     def queue(self) -> str:
         return self._task.queue
+
+    @property
+    def scheduled_at(self) -> datetime:
+        """The task's not-before time (aware UTC): when it was due, from its ``delay`` or
+        ``at``, its submit time otherwise, the end of its backoff in a retry. For the task
+        of a periodic tick: the tick, in every attempt."""
+        task = self._task
+        if task.key is not None:
+            tick = tick_of(task.key, task.name)
+            if tick is not None:
+                return tick
+        return utc(task.scheduled_at)
 
     async def report_progress(
         self, fraction: float | None = None, message: str | None = None

@@ -18,10 +18,10 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, nullcontext
-from datetime import timedelta
+from datetime import datetime, timedelta, tzinfo
 from inspect import CO_COROUTINE
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -33,6 +33,7 @@ from ._flow import Queue
 from ._handle import Outcomes, TaskHandle
 from ._ids import new_id
 from ._models import TaskRecord, TransitionRecord
+from ._periodic import Scheduler
 from ._queue import Dispatch, ReadyQueue, Wakeup
 from ._registry import RegisteredTask, TaskRegistry, is_async_callable
 from ._retry import RetryPolicy
@@ -41,6 +42,7 @@ from ._sync import JournalSync
 from ._table import QueueStatistics, Statistics, TaskTable
 from ._task import Task
 from ._validate import (
+    check_at,
     check_delay,
     check_priority,
     check_retry,
@@ -49,9 +51,9 @@ from ._validate import (
     check_timeout,
 )
 from ._worker import wakeup_class, worker_loop
-from ._writer import StateWriter, cancel_row, requeue_row
+from ._writer import RoomWriter, StateWriter, cancel_row, requeue_row, reschedule_row
 from .journal import _rows
-from .journal._protocol import ClockedJournal, Journal, TaskRow
+from .journal._protocol import ClockedJournal, Journal, PeriodicJournal, TaskRow
 
 __all__ = ["BackgroundTaskManager", "QueueStatistics", "Statistics"]
 
@@ -171,6 +173,7 @@ class BackgroundTaskManager:
         run_tasks: bool = True,
         clock: Clock | None = None,
         run_queues: Iterable[str] | None = None,
+        when_full: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
         self.queues: dict[str, Queue] | None = None
@@ -202,6 +205,12 @@ class BackgroundTaskManager:
         self.max_pending = (
             None if max_pending is None else _check_int("max_pending", max_pending, 1)
         )
+        if when_full not in ("raise", "wait"):
+            raise ValueError(f"when_full must be 'raise' or 'wait', got {when_full!r}")
+        #: at max_pending, submit waits for room (True) or raises QueueFull (False)
+        self.when_full = when_full
+        self._waits_for_room = when_full == "wait"
+        self._admitted = 0  # tasks let past a full max_pending, not yet in the table
         if (
             isinstance(shutdown_timeout, bool)
             or not isinstance(shutdown_timeout, int | float)
@@ -241,7 +250,8 @@ class BackgroundTaskManager:
         self._table = TaskTable(self.keep_finished, journal is not None)
         self._queue = ReadyQueue(self.queues or {}, self.clock.monotonic)
         self._dispatch = Dispatch(self._queue, self.clock)
-        self._writer = StateWriter(
+        writer_cls = RoomWriter if self._waits_for_room else StateWriter
+        self._writer = writer_cls(
             self._table, self._queue, journal, self.owner, max_recoveries, self.clock
         )
         self._writer.shared = {n: q for n, q in (self.queues or {}).items() if q.shared}
@@ -346,14 +356,41 @@ class BackgroundTaskManager:
             fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
         )
 
+    def periodic(
+        self,
+        schedule: str | None = None,
+        *,
+        every: timedelta | float | None = None,
+        name: str | None = None,
+        timezone: str | tzinfo = "UTC",
+        missed: Literal["latest", "skip"] = "latest",
+        overlap: bool = False,
+        queue: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[Callable[[], Coroutine[Any, Any, R]]], RegisteredTask[[], R]]:
+        """Register a periodic task (``TaskRegistry.periodic``): each due tick of the cron
+        ``schedule`` or of ``every`` becomes one ordinary task, run once in all by the
+        managers sharing this manager's journal, whichever of them is up."""
+        if queue is not None:
+            self._check_queue(queue)
+        return self.registry.periodic(
+            schedule, every=every, name=name, timezone=timezone, missed=missed,
+            overlap=overlap, queue=queue, priority=priority, timeout=timeout, retry=retry,
+        )  # fmt: skip
+
     def include(self, registry: TaskRegistry) -> None:
-        """Adopt the tasks of a standalone ``TaskRegistry`` (and bind their ``.submit``)."""
+        """Adopt the tasks of a standalone ``TaskRegistry`` (and bind their ``.submit``),
+        its periodic tasks too."""
         for name, registered in registry.tasks.items():
             if name in self.registry.tasks and self.registry.tasks[name] is not registered:
                 raise ValueError(f"a task named {name!r} is already registered")
             if registered.options_["queue"] is not None:
                 self._check_queue(registered.options_["queue"])
+        for name, registered in registry.tasks.items():
             self.registry.tasks[name] = registered
+        self.registry.periodics.update(registry.periodics)
         registry.bind(self)
 
     # ---------------------------------------------------------------- lifecycle
@@ -377,6 +414,12 @@ class BackgroundTaskManager:
         self._wakeup_cls = wakeup_class()
         self._scope_cls = type(anyio.CancelScope())
         journal, sync = self.journal, self._sync
+        periodics = builtins.list(self.registry.periodics.values())
+        if periodics and journal is not None and not isinstance(journal, PeriodicJournal):
+            raise ValueError(
+                f"{journal!r} cannot keep periodic tasks (it is no PeriodicJournal), and this"
+                f" manager has some: {', '.join(p.name for p in periodics)}"
+            )
         if journal is not None:
             await journal.open(self.owner)
         try:
@@ -417,6 +460,21 @@ class BackgroundTaskManager:
         drive = getattr(self.clock, "drive", None)  # a test clock's own task (FakeClock)
         if drive is not None:
             tg.start_soon(drive, self._quiet, self._untaken)
+        if periodics:
+            scheduler = Scheduler(
+                periodics,
+                self.registry,
+                journal if isinstance(journal, PeriodicJournal) else None,
+                self._writer,
+                self._table,
+                self._dispatch,
+                sync,
+                self.default_timeout,
+                self.default_retry,
+                self.run_tasks,
+                self._now,
+            )
+            tg.start_soon(scheduler.run)
         self._phase = _Phase.RUNNING
         return self
 
@@ -433,6 +491,7 @@ class BackgroundTaskManager:
         if self._phase is not _Phase.RUNNING:
             return
         self._phase = _Phase.CLOSING
+        self._freed()  # submits waiting for room (when_full="wait") see the shutdown
         assert self._workers_done is not None
         writer, dispatch = self._writer, self._dispatch
         try:
@@ -577,6 +636,7 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -593,6 +653,7 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -608,6 +669,7 @@ class BackgroundTaskManager:
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -618,7 +680,10 @@ class BackgroundTaskManager:
 
         ``lock``: tasks sharing it run one at a time (in priority, then submission order;
         with a journal, across every manager on it). ``partition``: its partition of a
-        ``Queue(per_partition=...)``."""
+        ``Queue(per_partition=...)``.
+        ``delay`` (seconds or a timedelta) or ``at`` (an aware datetime; in the past means
+        now) is the time before which the task does not start.
+        """
         if self._phase is not _Phase.RUNNING:
             raise ManagerNotRunning()
         code = getattr(fn, "__code__", None)
@@ -645,7 +710,12 @@ class BackgroundTaskManager:
             priority = defaults["priority"] or 0
         else:
             check_priority(priority)
-        wait = 0.0 if delay is None else check_delay(delay)
+        if at is None:
+            wait = 0.0 if delay is None else check_delay(delay)
+        elif delay is not None:
+            raise ValueError("give delay or at, not both")
+        else:
+            wait = check_at(at)  # the epoch time here; relative to now below
         if timeout is None:
             timeout = defaults["timeout"]
             if timeout is None:
@@ -679,9 +749,16 @@ class BackgroundTaskManager:
                 return TaskHandle(self._outcomes, existing.id, existing)
         counts = table.counts
         if self.max_pending is not None and counts[PENDING] + counts[RETRYING] >= self.max_pending:
-            raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            if not self._waits_for_room:
+                raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            options = {"queue": queue, "priority": priority, "delay": delay, "at": at}
+            options |= {"timeout": timeout, "retry": retry, "key": key}
+            return await self._submit_when_room(fn, args, kwargs, options)
 
         now = self._now()
+        due = now + wait
+        if at is not None:
+            due, wait = wait, wait - now
         task = Task(
             new_id(),
             registered.name
@@ -696,7 +773,7 @@ class BackgroundTaskManager:
             None if timeout == math.inf else timeout,
             retry,
             now,
-            now + wait,
+            due,
         )
         if lock is not None:
             task.lock = lock
@@ -732,6 +809,205 @@ class BackgroundTaskManager:
         else:
             dispatch.push(task)
         return TaskHandle(self._outcomes, task.id, task)
+
+    async def _submit_when_room(
+        self, fn: Any, args: tuple[Any, ...], kwargs: Any, options: dict[str, Any]
+    ) -> TaskHandle[Any]:
+        """``submit`` at a full ``max_pending`` with ``when_full="wait"``: wait until
+        there is room, then submit. Cancelled while waiting, it has stored nothing."""
+        await self._wait_for_room(1)
+        self._admitted += 1
+        try:
+            return await self.submit(fn, *args, kwargs=kwargs, **options)
+        finally:
+            self._admitted -= 1
+            self._freed()
+
+    async def _wait_for_room(self, n: int) -> None:
+        """Until ``n`` more tasks fit below ``max_pending`` (counting the ones already
+        let through whose rows are being written); ManagerNotRunning at shutdown."""
+        assert self.max_pending is not None
+        assert isinstance(self._writer, RoomWriter)
+        counts = self._table.counts
+        while True:
+            if self._phase is not _Phase.RUNNING:
+                raise ManagerNotRunning()
+            if counts[PENDING] + counts[RETRYING] + self._admitted + n <= self.max_pending:
+                return
+            await self._writer.room().wait()
+
+    def _freed(self) -> None:
+        if isinstance(self._writer, RoomWriter):
+            self._writer.freed()
+
+    @overload
+    async def submit_many(
+        self,
+        fn: str,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[Any]]: ...
+
+    @overload
+    async def submit_many(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, R]],
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[R]]: ...
+
+    async def submit_many(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | str,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> builtins.list[TaskHandle[Any]]:
+        """Queue one task ``fn(**kwargs)`` per dict of ``items``, with the options of
+        ``submit`` (but ``key``: a key names one task). With a journal, every task is
+        stored in one transaction or none is: a bad item raises before anything is
+        stored. Handles come back in the order of ``items``."""
+        if self._phase is not _Phase.RUNNING:
+            raise ManagerNotRunning()
+        registered = self._resolve(fn)
+        journal = self.journal
+        if registered is None and journal is not None:
+            raise TypeError(
+                f"{fn!r} is not a registered task: with a journal, register it with "
+                "@manager.task so that a restarted process can find it by name"
+            )
+        if isinstance(items, dict | str | bytes) or not isinstance(items, Iterable):
+            raise TypeError(
+                f"items must be an iterable of dicts of keyword arguments, got {items!r}"
+            )
+        batch = builtins.list(items)
+        for i, kwargs in enumerate(batch):
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                raise TypeError(f"items[{i}] must be a dict with str keys, got {kwargs!r}")
+        # submit() resolves the same options inline (its hot path); keep the two alike.
+        defaults = registered.options_ if registered is not None else _NO_DEFAULTS
+        if queue is None:
+            queue = defaults["queue"] or "default"
+        else:
+            self._check_queue(queue)
+        if priority is None:
+            priority = defaults["priority"] or 0
+        else:
+            check_priority(priority)
+        if at is not None and delay is not None:
+            raise ValueError("give delay or at, not both")
+        due = check_at(at) if at is not None else None
+        wait = check_delay(delay)
+        if timeout is None:
+            timeout = defaults["timeout"]
+            if timeout is None:
+                timeout = self.default_timeout
+        else:
+            timeout = check_timeout(timeout, "timeout")
+        if retry is None:
+            retry = defaults["retry"] or self.default_retry
+        else:
+            check_retry(retry, "retry")
+        if not batch:
+            return []
+        spec = (registered, fn, batch, queue, priority, timeout, retry, due, wait)
+        if self.max_pending is None:
+            return await self._submit_batch(*spec)
+        n = len(batch)
+        if n > self.max_pending:
+            raise QueueFull(f"{n} tasks cannot fit below max_pending={self.max_pending}")
+        counts = self._table.counts
+        if counts[PENDING] + counts[RETRYING] + self._admitted + n > self.max_pending:
+            if not self._waits_for_room:
+                raise QueueFull(f"{self.max_pending} tasks are already waiting (max_pending)")
+            await self._wait_for_room(n)
+        self._admitted += n
+        try:
+            return await self._submit_batch(*spec)
+        finally:
+            self._admitted -= n
+            self._freed()
+
+    async def _submit_batch(
+        self,
+        registered: RegisteredTask[Any, Any] | None,
+        fn: Any,
+        batch: builtins.list[dict[str, Any]],
+        queue: str,
+        priority: int,
+        timeout: float | None,
+        retry: RetryPolicy | None,
+        at: float | None,
+        delay: float,
+    ) -> builtins.list[TaskHandle[Any]]:
+        """``submit_many`` once its arguments are checked and there is room."""
+        if registered is not None:
+            name, run = registered.name, registered.fn
+        else:
+            name, run = getattr(fn, "__qualname__", None) or repr(fn), fn
+        timeout = None if timeout == math.inf else timeout
+        now = self._now()
+        due = now + delay if at is None else at
+        tasks = [
+            Task(
+                new_id(), name, run, (), kw or None, queue, priority, None, timeout, retry, now, due
+            )
+            for kw in batch
+        ]
+        journal = self.journal
+        if journal is not None:
+            rows = [_rows.new_row(task) for task in tasks]  # SerializationError: nothing stored
+            try:
+                await journal.insert_many(rows)
+            except BaseException:
+                if self._tg is not None:  # the rows may be stored although the call failed
+                    self._tg.start_soon(self._adopt_many, rows)
+                raise
+            if self._phase is not _Phase.RUNNING or not self.run_tasks:
+                return [TaskHandle(self._outcomes, task.id, None) for task in tasks]
+        dispatch, submitted = self._dispatch, self._writer.submitted
+        for task in tasks:
+            submitted(task)
+            dispatch.enqueue(task, due)
+        return [TaskHandle(self._outcomes, task.id, task) for task in tasks]
+
+    async def _adopt_many(self, rows: builtins.list[TaskRow]) -> None:
+        """``_adopt`` for a batch whose ``insert_many`` failed: stored all or none, so
+        the first row tells; if it is there, queue them all (as they were stored)."""
+        journal = self.journal
+        assert journal is not None
+        delay = 0.05
+        while True:
+            try:
+                first = await journal.get(rows[0].id)
+                break
+            except JournalError as exc:
+                if not self._live or self._writer.giving_up:
+                    log.warning("task_adopt_failed", task_id=rows[0].id, error=str(exc))
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if first is None or self._sync is None or not self._live:
+            return
+        for row in rows:
+            self._sync.take(row)
 
     async def _submit_claimed(self, task: Task, row: TaskRow) -> TaskHandle[Any]:
         """Accept and claim in one journal write: a worker is idle, so the task would be
@@ -918,6 +1194,51 @@ class BackgroundTaskManager:
         await self._writer.requeue(task)
         self._dispatch.enqueue(task, task.scheduled_at)
         return task.record()
+
+    async def reschedule(
+        self,
+        task_id: str,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+    ) -> TaskRecord:
+        """Move a PENDING or RETRYING task's not-before time (``delay`` from now, 0 =
+        now, or ``at``), keeping its status. With a journal, this works on any task of
+        the journal, also one queued in another manager (it sees the change through its
+        journal watcher). InvalidTransition for a task in another status, TaskNotFound
+        for an unknown id."""
+        check_task_id(task_id)
+        if (delay is None) == (at is None):
+            raise ValueError("reschedule takes a delay or an at (one of them)")
+        when = self._now() + check_delay(delay) if at is None else check_at(at)
+        if self._phase is not _Phase.RUNNING:
+            raise ManagerNotRunning()
+        task = self._table.tasks.get(task_id)
+        if task is not None:
+            # A claim or cancel of it is being written: its outcome first. (A flag, not an
+            # event: a write in flight for a task being rescheduled is rare.)
+            while task.busy:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            if not task.remote:
+                if task.status not in (PENDING, RETRYING):
+                    raise InvalidTransition(
+                        "only pending or retrying tasks can be rescheduled; "
+                        f"task {task_id} is {task.status.value}"
+                    )
+                self._queue.discard(task)  # no worker takes it while the change is written
+                if await self._writer.reschedule(task, when):
+                    if task.cancel_requested:  # cancelled while the change was written
+                        await self._writer.cancel_waiting(task)
+                    else:
+                        self._dispatch.enqueue(task, when)
+                    return task.record()
+            # another manager moved it on first: what the journal holds decides
+        if self.journal is None:
+            raise TaskNotFound(task_id)
+        row = await reschedule_row(self.journal, self.owner, task_id, when, self.clock)
+        if self._sync is not None:
+            self._sync.take(row)
+        return _rows.record(row)
 
     async def purge(self, older_than: float | timedelta) -> int:
         """Delete finished tasks that finished more than ``older_than`` ago."""

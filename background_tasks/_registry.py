@@ -8,10 +8,11 @@ import time without a manager (like FastAPI's ``APIRouter``) and is bound later 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from ._periodic import Periodic, parse_schedule
 from ._validate import check_priority, check_retry, check_text, check_timeout
 
 if TYPE_CHECKING:
@@ -62,12 +63,31 @@ class RegisteredTask(Generic[P, R]):
         """Submit with the task's defaults; use ``.options(...)`` to set submit options."""
         return await self.registry.manager.submit(self, *args, kwargs=kwargs)
 
+    async def submit_many(
+        self,
+        items: Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> list[TaskHandle[R]]:
+        """One task per dict of keyword arguments, all stored in one journal transaction
+        or none; handles in the order of ``items`` (``BackgroundTaskManager.submit_many``)."""
+        return await self.registry.manager.submit_many(
+            self, items, queue=queue, priority=priority, delay=delay, at=at, timeout=timeout,
+            retry=retry,
+        )  # fmt: skip
+
     def options(
         self,
         *,
         queue: str | None = None,
         priority: int | None = None,
         delay: float | timedelta | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         key: str | None = None,
@@ -78,6 +98,7 @@ class RegisteredTask(Generic[P, R]):
                 "queue": queue,
                 "priority": priority,
                 "delay": delay,
+                "at": at,
                 "timeout": timeout,
                 "retry": retry,
                 "key": key,
@@ -99,12 +120,22 @@ class TaskOptions(Generic[P, R]):
             self._task, *args, kwargs=kwargs, **self._options
         )
 
+    async def submit_many(self, items: Iterable[dict[str, Any]]) -> list[TaskHandle[R]]:
+        """``RegisteredTask.submit_many`` with these options (``key`` names one task, so
+        it is refused here)."""
+        options = dict(self._options)
+        if options.pop("key") is not None:
+            raise ValueError("a key names one task: submit_many takes none")
+        return await self._task.registry.manager.submit_many(self._task, items, **options)
+
 
 class TaskRegistry:
     """Tasks by name. Every manager has one; standalone ones are bound with ``include``."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, RegisteredTask[Any, Any]] = {}
+        #: the periodic ones among them, by name
+        self.periodics: dict[str, Periodic] = {}
         self._manager: BackgroundTaskManager | None = None
 
     def bind(self, manager: BackgroundTaskManager) -> None:
@@ -148,6 +179,53 @@ class TaskRegistry:
         return self.define(
             fn, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
         )
+
+    def periodic(
+        self,
+        schedule: str | None = None,
+        *,
+        every: timedelta | float | None = None,
+        name: str | None = None,
+        timezone: str | tzinfo = "UTC",
+        missed: Literal["latest", "skip"] = "latest",
+        overlap: bool = False,
+        queue: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[Callable[[], Coroutine[Any, Any, R]]], RegisteredTask[[], R]]:
+        """Register an ``async def`` function without arguments as a periodic task: one
+        ordinary task of its ``name`` per tick of a cron ``schedule`` (5 fields, in
+        ``timezone``) or of a fixed interval ``every`` (seconds or a timedelta, counted
+        from the Unix epoch). ``missed``: what ticks missed while no manager ran give,
+        one run for the latest of them (``"latest"``) or none (``"skip"``). While a
+        tick's task is unfinished, later ticks are skipped unless ``overlap``. The other
+        options are those of ``task``. A bad schedule or zone, both or neither of
+        ``schedule`` and ``every``: ValueError here, at decoration."""
+        spec = parse_schedule(schedule, every, timezone)
+        if missed not in ("latest", "skip"):
+            raise ValueError(f"missed must be 'latest' or 'skip', got {missed!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be a bool, got {overlap!r}")
+        define = self.define(
+            None, name=name, timeout=timeout, retry=retry, queue=queue, priority=priority
+        )
+
+        def register(f: Callable[[], Coroutine[Any, Any, R]]) -> RegisteredTask[[], R]:
+            if is_async_callable(f):
+                try:
+                    inspect.signature(f).bind()
+                except TypeError:
+                    raise TypeError(
+                        f"{f!r} takes arguments: a periodic task is called without any"
+                    ) from None
+                except ValueError:  # no signature to inspect: let it be
+                    pass
+            registered: RegisteredTask[[], R] = define(f)
+            self.periodics[registered.name] = Periodic(registered.name, spec, missed, overlap)
+            return registered
+
+        return register
 
     def define(
         self,

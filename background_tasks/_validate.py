@@ -4,13 +4,14 @@ gets the same clear error at the earliest point."""
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._errors import SerializationError
 from ._retry import MAX_SECONDS, RetryPolicy
 
 __all__ = [
+    "check_at",
     "check_delay",
     "check_priority",
     "check_retry",
@@ -69,6 +70,26 @@ def check_delay(value: Any) -> float:
             f"delay must be at most {MAX_SECONDS:g} seconds (a datetime ends in year 9999),"
             f" got {value!r}"
         )
+    return seconds
+
+
+def check_at(value: Any) -> float:
+    """An aware datetime as epoch seconds: a naive one, or one whose UTC time a
+    ``datetime`` cannot hold (past year 9999, before year 1), is a ValueError."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"at must be an aware datetime, got {value!r}")
+    if value.utcoffset() is None:
+        raise ValueError(
+            f"at must be an aware datetime (with a tzinfo, e.g. datetime(..., tzinfo=UTC)),"
+            f" got the naive {value!r}"
+        )
+    try:
+        seconds = value.timestamp()
+        datetime.fromtimestamp(seconds, UTC)  # what a record of it will read back
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(
+            f"at must be a time a datetime can hold in UTC (years 1 to 9999), got {value!r}"
+        ) from None
     return seconds
 
 

@@ -21,6 +21,8 @@ from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ._clock import Clock, system_clock
 from ._errors import (
     InvalidTransition,
@@ -30,7 +32,7 @@ from ._errors import (
     TaskNotFound,
 )
 from ._events import DEBUG, WARNING, is_enabled, log, transition
-from ._models import ErrorInfo, dumps
+from ._models import ErrorInfo, dumps, utc
 from ._states import TRANSITIONS, TaskStatus, check_transition, reclaim_target
 from .journal import _rows
 from .journal._protocol import (
@@ -51,7 +53,9 @@ if TYPE_CHECKING:
     from ._table import TaskTable
     from ._task import Task
 
-__all__ = ["StateWriter", "cancel_row", "requeue_row", "take_over"]
+__all__ = [
+    "RoomWriter", "StateWriter", "cancel_row", "requeue_row", "reschedule_row", "take_over",
+]  # fmt: skip
 
 PENDING, RUNNING, RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
@@ -488,6 +492,34 @@ class StateWriter:
             raise InvalidTransition(f"task {task.id} changed while being requeued; try again")
         self.table.unsettle(task)
 
+    async def reschedule(self, task: Task, scheduled_at: float) -> bool:
+        """Move a PENDING or RETRYING task held here to not-before ``scheduled_at``,
+        keeping its status: a change of the row, not a transition (no version of the
+        table applies; one ``task_rescheduled`` event). The caller has taken the task out
+        of the ready queue and queues it again. False when the journal refused the write
+        because another manager moved the task on first: it is theirs now (``lose``)."""
+        status = task.status
+        if status not in _WAITING:
+            raise InvalidTransition(
+                f"only pending or retrying tasks can be rescheduled; task {task.id} is"
+                f" {status.value}"
+            )
+        journal = self.journal
+        if journal is not None:
+            change = _rows.reschedule_change(
+                task.id, task.version, status, task.attempts, scheduled_at, self.now(), self.owner
+            )
+            task.busy = True
+            try:
+                applied = await self._write(change)
+            finally:
+                task.busy = False
+            if not self._written(task, change, applied):
+                return False
+        task.scheduled_at = scheduled_at
+        _rescheduled(task, status, scheduled_at)
+        return True
+
     async def drop_waiting(self) -> None:
         """At exit: without a journal, tasks that never ran end CANCELLED; with one, they
         stay PENDING on disk for the next start and are only forgotten here."""
@@ -514,6 +546,51 @@ class StateWriter:
         )
 
 
+class RoomWriter(StateWriter):
+    """The state writer of a manager whose ``submit`` waits for room at ``max_pending``
+    (``when_full="wait"``): after every change that may leave fewer tasks waiting (a
+    start, a transition, a task lost to another manager) it wakes the submits waiting
+    for room, which count again. A subclass, so that a manager that raises ``QueueFull``
+    instead pays nothing for it on its hot path."""
+
+    # No __slots__ (one writer per manager): the constructor stays StateWriter's.
+    _room: anyio.Event | None = None
+
+    def room(self) -> anyio.Event:
+        """An event set at the next change that may have made room."""
+        if self._room is None:
+            self._room = anyio.Event()
+        return self._room
+
+    def freed(self) -> None:
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    def start(self, task: Task) -> bool:
+        started = super().start(task)
+        self.freed()
+        return started
+
+    def commit(
+        self,
+        task: Task,
+        target: TaskStatus,
+        now: float,
+        result: Any = None,
+        error: BaseException | None = None,
+        retry_at: float = 0.0,
+        info: ErrorInfo | None = None,
+    ) -> None:
+        super().commit(task, target, now, result, error, retry_at, info)
+        self.freed()
+
+    def lose(self, task: Task) -> None:
+        super().lose(task)
+        self.freed()
+
+
 def _landed(row: TaskRow | None, change: Change, owner: str) -> bool:
     """Whether a row read after a failed write shows that write committed: one version
     on, in the target status, and (for a claim) ours."""
@@ -523,6 +600,14 @@ def _landed(row: TaskRow | None, change: Change, owner: str) -> bool:
 
 
 # ---------------------------------------------------------------- tasks known by their row
+
+
+def _rescheduled(task: Task | TaskRow, status: TaskStatus, scheduled_at: float) -> None:
+    if is_enabled(DEBUG):
+        log.debug(
+            "task_rescheduled", task_id=task.id, name=task.name, queue=task.queue,
+            status=status.value, scheduled_at=utc(scheduled_at).isoformat(),
+        )  # fmt: skip
 
 
 def _row_transition(row: TaskRow, change: Change) -> None:
@@ -614,3 +699,28 @@ async def requeue_row(
             assert new is not None
             return new
     raise InvalidTransition(f"task {task_id} kept changing while being requeued")
+
+
+async def reschedule_row(
+    journal: Journal, owner: str, task_id: str, scheduled_at: float, clock: Clock = system_clock
+) -> TaskRow:
+    """Reschedule a PENDING or RETRYING task through the journal alone (it may be
+    queued in another manager, which sees the change among the journal's ``changes``)."""
+    for _ in range(20):
+        row = await journal.get(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        if row.status not in _WAITING:
+            raise InvalidTransition(
+                "only pending or retrying tasks can be rescheduled; "
+                f"task {task_id} is {row.status.value}"
+            )
+        change = _rows.reschedule_change(
+            row.id, row.version, row.status, row.attempts, scheduled_at, clock.time(), owner
+        )
+        if await journal.apply(change):
+            _rescheduled(row, row.status, scheduled_at)
+            return dataclasses.replace(
+                row, version=row.version + 1, scheduled_at=scheduled_at, cancel_requested=False
+            )
+    raise InvalidTransition(f"task {task_id} kept changing while being rescheduled")

@@ -38,7 +38,7 @@ from ._extras import DISTRIBUTION, missing_extra
 from ._manager import BackgroundTaskManager
 from ._states import TaskStatus
 from ._writer import cancel_row, requeue_row
-from .journal._protocol import InspectableJournal, Journal, TaskRow
+from .journal._protocol import InspectableJournal, Journal, PeriodicJournal, PeriodicRow, TaskRow
 from .journal._rows import record
 from .journal.sqlite import SQLiteJournal
 
@@ -517,6 +517,23 @@ def _lease(lease_until: float, now: float) -> str:
     return f"EXPIRED {_span(now - lease_until)} ago"
 
 
+def _print_periodic(console: Console, rows: list[PeriodicRow], now: float) -> None:
+    """The periodic tasks the journal knows, with their next tick as the manager that
+    decided the last one computed it (in the past: no manager has been up since)."""
+    if not rows:
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("PERIODIC", "SCHEDULE", "NEXT TICK", "", "LAST TICK", "LAST TASK"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            escape(row.name), escape(row.schedule), _iso(row.next_tick),
+            _ago(row.next_tick, now), _iso(row.last_tick), row.task_id or "-",
+        )  # fmt: skip
+    console.print(table)
+    console.print()
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     async with open_journal(args.journal, args.schema) as journal:
@@ -530,9 +547,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
         running = await _scan(journal, TaskStatus.RUNNING) if counts.get(TaskStatus.RUNNING) else []
         window = 60.0
         done = await journal.finished_since(now - window)
+        periodic = await journal.periodic() if isinstance(journal, PeriodicJournal) else []
     console = _console()
     total = sum(counts.values())
     console.print(f"[bold]journal[/bold] {escape(_where(journal))}: {total} tasks")
+    _print_periodic(console, periodic, now)
     if total == 0:
         return EXIT_OK
 

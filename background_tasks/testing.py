@@ -37,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from ._errors import InvalidTransition
+from ._errors import InvalidTransition, JournalError
 from ._fakeclock import FakeClock
 from ._states import TaskStatus
 from .journal._protocol import (
@@ -49,6 +49,8 @@ from .journal._protocol import (
     Journal,
     LivenessJournal,
     NotifyingJournal,
+    PeriodicJournal,
+    PeriodicRow,
     TaskRow,
 )
 
@@ -144,6 +146,7 @@ _VERBS: dict[type[Any], str] = {
     NotifyingJournal: "wait_for_changes",
     LivenessJournal: "orphaned",
     InspectableJournal: "counts_by_queue",
+    PeriodicJournal: "advance_periodic",
 }
 
 
@@ -280,6 +283,61 @@ class JournalContract:
         assert len(set(got)) == 1
         assert (await journal.counts())[P] == 1
 
+    # ------------------------------------------------------------------ insert_many
+
+    async def test_insert_many_stores_every_row_with_its_history(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        _, cursor = await peer.changes(0, PEER)
+        rows = [make_row(priority=i % 3, args_json=f"[{i}]") for i in range(600)]
+        stored = await journal.insert_many(rows)
+        assert stored == rows
+        for row in (rows[0], rows[299], rows[-1]):
+            assert await journal.get(row.id) == row
+            lines = await journal.history(row.id)
+            assert [(h.source, h.target, h.attempt) for h in lines] == [(None, P, 0)]
+        assert (await journal.counts())[P] == 600
+        runnable, _ = await journal.runnable()
+        assert {r.id for r in runnable} == {r.id for r in rows}
+        seen, _ = await peer.changes(cursor, PEER)
+        assert [r.id for r in seen] == sorted(r.id for r in rows)
+        assert await journal.insert_many([]) == []
+
+    async def test_insert_many_stores_all_or_none(self, journal: Journal) -> None:
+        """One bad row (here an id already stored) fails the whole call and stores
+        nothing of it; a write sharing its transaction is not affected."""
+        taken = await journal.insert(make_row())
+        batch = [make_row() for _ in range(10)]
+        batch.insert(5, dataclasses.replace(make_row(), id=taken.id))
+        alone = make_row()
+        outcome: dict[str, Any] = {}
+
+        async def many() -> None:
+            try:
+                outcome["many"] = await journal.insert_many(batch)
+            except Exception as exc:
+                outcome["many"] = exc
+
+        async def one() -> None:
+            outcome["one"] = await journal.insert(alone)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(many)
+            tg.start_soon(one)
+        assert isinstance(outcome["many"], JournalError)
+        assert outcome["one"] == alone
+        for row in batch:
+            if row.id != taken.id:
+                assert await journal.get(row.id) is None
+        assert await journal.get(taken.id) == taken
+        assert (await journal.counts())[P] == 2
+
+    async def test_insert_many_refuses_keyed_rows(self, journal: Journal) -> None:
+        rows = [make_row(), make_row(key="k")]
+        with pytest.raises(ValueError, match="key"):
+            await journal.insert_many(rows)
+        assert await journal.get(rows[0].id) is None
+
     # ------------------------------------------------------------------ apply
 
     async def test_apply_claims_and_bumps_the_version(self, journal: Journal) -> None:
@@ -310,6 +368,26 @@ class JournalContract:
         assert await journal.apply(unknown) is False
         assert await journal.get(row.id) == row
         assert len(await journal.history(row.id)) == 1
+
+    async def test_a_change_that_keeps_the_status_applies_at_its_version(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        """A reschedule: ``source`` is ``target``; versioned, in the history, and among
+        the ``changes`` other owners read, like a transition."""
+        row = await journal.insert(make_row())
+        _, cursor = await peer.changes(0, PEER)
+        later = row.scheduled_at + 3600
+        move = Change(row.id, 0, P, P, 0, time.time(), OWNER, {"scheduled_at": later})
+        moved = await applied(journal, move)
+        assert (moved.status, moved.scheduled_at, moved.attempts) == (P, later, 0)
+        assert await journal.apply(move) is False  # stale now
+        wrong = dataclasses.replace(move, version=1, source=Y, target=Y)
+        assert await journal.apply(wrong) is False
+        lines = await journal.history(row.id)
+        assert [(h.source, h.target) for h in lines] == [(None, P), (P, P)]
+        seen, _ = await peer.changes(cursor, PEER)
+        assert seen == [moved]
+        assert (await journal.runnable())[0] == [moved]
 
     async def test_a_change_applies_once(self, journal: Journal) -> None:
         row = await journal.insert(make_row())
@@ -805,6 +883,79 @@ class JournalContract:
                 await journal.wait_for_changes(30)
 
     # ------------------------------------------------------------------ InspectableJournal
+
+    async def test_periodic_state_advances_from_the_version_seen(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return  # checked: it offers none of it
+        assert isinstance(journal, PeriodicJournal)
+        assert isinstance(peer, PeriodicJournal)
+        assert await journal.periodic() == []
+        first = PeriodicRow("nightly", "cron 0 3 * * * (UTC)", 100.0, 200.0, None, 1)
+        assert await journal.advance_periodic(first, None) is True
+        assert await peer.advance_periodic(first, None) is False  # created once
+        assert await peer.periodic() == [first]
+        _, cursor = await peer.changes(0, PEER)
+        task = make_row(name="nightly", key="periodic:nightly:200", scheduled_at=200.0)
+        fired = PeriodicRow("nightly", first.schedule, 200.0, 300.0, task.id, 2)
+        assert await journal.advance_periodic(fired, task) is True
+        assert await journal.advance_periodic(fired, make_row()) is False  # stale now
+        assert await journal.get(task.id) == task
+        assert [(h.source, h.target) for h in await journal.history(task.id)] == [(None, P)]
+        seen, _ = await peer.changes(cursor, PEER)
+        assert [r.id for r in seen] == [task.id]  # others see the tick's task
+        skipped = PeriodicRow("nightly", first.schedule, 300.0, 400.0, task.id, 3)
+        assert await peer.advance_periodic(skipped, None) is True  # no task: a skipped tick
+        other = PeriodicRow("hourly", "every 3600s", 0.0, 3600.0, None, 1)
+        assert await peer.advance_periodic(other, None) is True
+        assert await journal.periodic() == [other, skipped]
+        assert (await journal.counts())[P] == 1
+
+    async def test_one_tick_decided_by_two_journals_fires_once(
+        self, journal: Journal, peer: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return
+        assert isinstance(journal, PeriodicJournal)
+        assert isinstance(peer, PeriodicJournal)
+        base = PeriodicRow("poll", "every 1s", 10.0, 11.0, None, 1)
+        assert await journal.advance_periodic(base, None)
+        results: list[bool] = []
+
+        async def fire(j: PeriodicJournal, row: TaskRow, v: int) -> None:
+            state = PeriodicRow("poll", "every 1s", 10.0 + v, 11.0 + v, row.id, v)
+            results.append(await j.advance_periodic(state, row))
+
+        for version in range(2, 12):  # ten ticks, each written by both at once
+            rows = [make_row(name="poll"), make_row(name="poll")]
+            results.clear()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fire, journal, rows[0], version)
+                tg.start_soon(fire, peer, rows[1], version)
+            assert sorted(results) == [False, True]
+            stored = [r for r in rows if await journal.get(r.id) is not None]
+            assert len(stored) == 1
+            (state,) = await journal.periodic()
+            assert (state.version, state.task_id) == (version, stored[0].id)
+        assert (await journal.counts())[P] == 10
+
+    async def test_a_tick_whose_task_fails_to_store_advances_nothing(
+        self, journal: Journal
+    ) -> None:
+        if not _capable(journal, PeriodicJournal):
+            return
+        assert isinstance(journal, PeriodicJournal)
+        base = PeriodicRow("job", "every 1s", 10.0, 11.0, None, 1)
+        assert await journal.advance_periodic(base, None)
+        taken = await journal.insert(make_row())
+        clash = dataclasses.replace(make_row(), id=taken.id)  # the id of a stored task
+        with pytest.raises(JournalError):
+            await journal.advance_periodic(
+                PeriodicRow("job", "every 1s", 11, 12, clash.id, 2), clash
+            )
+        assert await journal.periodic() == [base]
 
     async def test_counts_by_queue_finished_since_and_oldest(self, journal: Journal) -> None:
         if not _capable(journal, InspectableJournal):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -165,6 +166,7 @@ def schema(_schemas: tuple[psycopg.Connection[Any], list[str], set[str]]) -> Ite
         assert found == (SCHEMA_VERSION,)
         conn.execute(
             f"BEGIN; DELETE FROM {s}.tasks; DELETE FROM {s}.history; DELETE FROM {s}.starts;"
+            f" DELETE FROM {s}.periodic;"
             f" UPDATE {s}.meta SET value = 0 WHERE key = 'rev'; COMMIT"
         )
         free.append(name)
@@ -330,7 +332,7 @@ async def test_schema_tables_and_version(journal: PostgresJournal, pg_dsn: str) 
         version = conn.execute(
             f"SELECT value FROM \"{journal.schema}\".meta WHERE key = 'schema_version'"
         ).fetchone()
-    assert tables == {"meta", "tasks", "history", "starts"}
+    assert tables == {"meta", "tasks", "history", "starts", "periodic"}
     assert version == (SCHEMA_VERSION,)
 
 
@@ -741,3 +743,57 @@ def test_the_cli_reads_a_postgresql_journal(pg_dsn: str, fresh_schema: str) -> N
     assert refused.returncode != 0
     assert "no journal in" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+async def test_reschedule_from_another_manager_moves_the_task_where_it_is_queued(
+    pg_dsn: str, schema: str, anyio_backend: object
+) -> None:
+    """A task queued in ``runner`` is rescheduled to now by ``front`` (which runs
+    nothing): ``runner`` hears of it (LISTEN/NOTIFY) and runs it."""
+    from background_tasks import current_task
+
+    runner = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema))
+    front = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema), run_tasks=False)
+    for m in (runner, front):
+
+        @m.task(name="later")
+        async def later() -> float:
+            return current_task().scheduled_at.timestamp()
+
+    async with runner, front:
+        handle = await runner.submit("later", delay=3600)
+        assert runner.statistics().queued == 1
+        record = await front.reschedule(handle.id, delay=0)
+        assert record.status is P
+        with anyio.fail_after(5):
+            assert await front.handle(handle.id) == record.scheduled_at.timestamp()
+        history = [(h.source, h.target) for h in await front.history(handle.id)]
+    assert history == [(None, P), (P, P), (P, R), (R, C)]
+
+
+async def test_three_managers_fire_each_periodic_tick_once(
+    pg_dsn: str, schema: str, anyio_backend: object
+) -> None:
+    from background_tasks import current_task
+
+    seen: list[tuple[str, float]] = []
+
+    def make(label: str) -> BackgroundTaskManager:
+        m = BackgroundTaskManager(journal=PostgresJournal(pg_dsn, schema=schema))
+
+        @m.periodic(every=0.1, name="tick", overlap=True)
+        async def tick() -> None:
+            seen.append((label, current_task().scheduled_at.timestamp()))
+
+        return m
+
+    a, b, c = make("a"), make("b"), make("c")
+    async with a, b, c:
+        await anyio.sleep(1.25)
+        assert isinstance(a.journal, PostgresJournal)
+        (state,) = await a.journal.periodic()
+    times = sorted(t for _, t in seen)
+    assert len(times) >= 9
+    assert len(set(times)) == len(times)  # never twice
+    assert all(abs(y - x - 0.1) < 1e-6 for x, y in itertools.pairwise(times))
+    assert state.schedule == "every 0.1s"

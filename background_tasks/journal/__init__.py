@@ -17,6 +17,8 @@ from ._protocol import InspectableJournal as InspectableJournal
 from ._protocol import Journal as Journal
 from ._protocol import LivenessJournal as LivenessJournal
 from ._protocol import NotifyingJournal as NotifyingJournal
+from ._protocol import PeriodicJournal as PeriodicJournal
+from ._protocol import PeriodicRow as PeriodicRow
 from ._protocol import TaskRow as TaskRow
 
 __all__ = (
@@ -29,5 +31,7 @@ __all__ = (
     "Journal",
     "LivenessJournal",
     "NotifyingJournal",
+    "PeriodicJournal",
+    "PeriodicRow",
     "TaskRow",
 )

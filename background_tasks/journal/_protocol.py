@@ -12,8 +12,9 @@ All times are epoch seconds (``time.time()``); statuses are ``TaskStatus`` value
 uses when it is there, is a protocol of its own, checked with ``isinstance``:
 ``ClaimingJournal`` (insert a task already claimed), ``BatchingJournal`` (apply without
 waiting for the commit), ``NotifyingJournal`` (wake up when another process writes),
-``LivenessJournal`` (tell which owners are dead) and ``InspectableJournal`` (the
-aggregates ``bgtasks status`` shows). Each one extends
+``LivenessJournal`` (tell which owners are dead), ``InspectableJournal`` (the
+aggregates ``bgtasks status`` shows) and ``PeriodicJournal`` (the state of periodic
+tasks, for ticks fired once over all managers). Each one extends
 ``Journal``; a journal class may subclass the protocols it implements.
 ``background_tasks.testing.JournalContract`` tests all of them.
 """
@@ -21,7 +22,7 @@ aggregates ``bgtasks status`` shows). Each one extends
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,8 +31,8 @@ from .._states import TaskStatus
 
 __all__ = [
     "BatchingJournal", "Change", "ClaimLimits", "ClaimingJournal", "ClockedJournal",
-    "InspectableJournal", "Journal",
-    "LivenessJournal", "NotifyingJournal", "TaskRow",
+    "InspectableJournal", "Journal", "LivenessJournal", "NotifyingJournal", "PeriodicJournal",
+    "PeriodicRow", "TaskRow",
 ]  # fmt: skip
 
 
@@ -110,8 +111,23 @@ class ClaimLimits:
 
 
 @dataclass(slots=True)
+class PeriodicRow:
+    """The state of one periodic task, as a ``PeriodicJournal`` keeps it."""
+
+    name: str  # the periodic (and registered) task's name
+    schedule: str  # the schedule as text: "cron */5 * * * * (UTC)", "every 300s"
+    last_tick: float  # the latest tick decided: fired, skipped or missed
+    next_tick: float  # the tick after it, as the manager that decided it computed it
+    task_id: str | None  # the task of the latest fired tick (None before the first)
+    version: int  # bumped by every write; the optimistic-concurrency token
+
+
+@dataclass(slots=True)
 class Change:
     """One transition to write: ``source -> target`` if the row is still at ``version``.
+    A change whose ``source`` is its ``target`` changes the row and keeps its status (a
+    reschedule moves a waiting task's ``scheduled_at``); it is applied, versioned,
+    written to the history and reported by ``changes`` like any other.
 
     ``fields`` are TaskRow attribute names and their new values (``status`` and
     ``version`` are set by the journal). The history line records ``attempt``, ``at``,
@@ -155,6 +171,13 @@ class Journal(Protocol):
 
         If ``row.key`` is set and a task with that key is not finished, store nothing and
         return that task's row instead (the caller compares ids).
+        """
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """Store new PENDING tasks durably in ONE transaction: all of them or none
+        (``JournalError`` then, nothing stored), each with its first history line as
+        ``insert`` writes it. Returns the rows as stored, in their order. The rows have
+        no key (``ValueError`` before anything is written otherwise); no rows, no write.
         """
 
     async def apply(self, change: Change) -> bool:
@@ -342,3 +365,26 @@ class ClockedJournal(Journal, Protocol):
 
     async def now(self) -> float:
         """The journal's clock, in epoch seconds."""
+
+
+@runtime_checkable
+class PeriodicJournal(Journal, Protocol):
+    """A journal that keeps the state of periodic tasks, so that managers sharing it
+    fire each tick once in all (no leader: the journal's conditional write decides).
+
+    One row per periodic task (``PeriodicRow``), advanced only from the version its
+    writer saw, in the same transaction as the task of the tick it fires: two managers
+    that decide one tick both write it, and exactly one write applies.
+    """
+
+    async def periodic(self) -> builtins.list[PeriodicRow]:
+        """Every periodic task's state, by name."""
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """Store ``state`` if the periodic row ``state.name`` is at ``state.version - 1``
+        (none stored yet, for ``state.version == 1``), and with it, in one transaction,
+        ``row`` when given: the tick's new PENDING task, stored as ``insert`` stores a
+        task without looking at its key (a live task holding the key fails the whole
+        write). False, and nothing written, when the periodic row is at another version
+        (another manager decided first). Durable before it returns.
+        """

@@ -33,6 +33,7 @@ __all__ = [
     "new_row",
     "record",
     "requeue_fields",
+    "reschedule_change",
     "takeover_change",
     "task_from_row",
 ]
@@ -177,6 +178,22 @@ def takeover_change(
         fields["error_json"] = info.model_dump_json()
     return Change(
         row.id, row.version, RUNNING, target, row.attempts, now, owner, fields, lease_before
+    )
+
+
+def reschedule_change(
+    task_id: str,
+    version: int,
+    status: TaskStatus,
+    attempts: int,
+    scheduled_at: float,
+    now: float,
+    owner: str,
+) -> Change:
+    """The update that moves a waiting task's not-before time and keeps its status (a
+    change of the row without a transition: ``source`` is ``target``)."""
+    return Change(
+        task_id, version, status, status, attempts, now, owner, {"scheduled_at": scheduled_at}
     )
 
 

@@ -34,7 +34,7 @@ from .._errors import JournalError
 from .._models import ErrorInfo, TransitionRecord, utc
 from .._states import TaskStatus
 from ._group_commit import purge_in_steps
-from ._protocol import ClaimLimits, TaskRow
+from ._protocol import ClaimLimits, PeriodicRow, TaskRow
 
 __all__ = [
     "CLEARS_CANCEL",
@@ -53,6 +53,7 @@ __all__ = [
     "RequestCancel",
     "SQLJournal",
     "SetProgress",
+    "check_batch",
     "check_fields",
     "check_schema",
     "check_seconds",
@@ -130,6 +131,15 @@ def check_fields(names: Iterable[str]) -> None:
     bad = [n for n in names if n not in SETTABLE]
     if bad:
         raise ValueError(f"Change.fields has names that are not settable TaskRow fields: {bad}")
+
+
+def check_batch(rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+    """``insert_many``'s rows as a list; ValueError for a row with a key."""
+    rows = list(rows)
+    keyed = [row.id for row in rows if row.key is not None]
+    if keyed:
+        raise ValueError(f"insert_many stores tasks without keys; these have one: {keyed[:5]}")
+    return rows
 
 
 def check_schema(
@@ -242,7 +252,7 @@ class SQLJournal:
     """The verbs both SQL journals run the same way (see the module docstring)."""
 
     #: the statements ``SQLJournal`` runs, by name: get, select (a ``list`` without its
-    #: WHERE), history, expired, counts, counts_by_queue, finished_since, oldest
+    #: WHERE), history, expired, counts, counts_by_queue, finished_since, oldest, periodic
     _sql: dict[str, str]
     #: the driver's placeholder for a bound value
     _mark: ClassVar[str]
@@ -341,6 +351,12 @@ class SQLJournal:
         every waiting row, like ``counts_by_queue``."""
         rows = await self._fetch(self._sql["waiting_by_queue"], (now, now))
         return {queue: (int(free), int(locked)) for queue, free, locked in rows}
+
+    # ------------------------------------------------------------------ PeriodicJournal
+
+    async def periodic(self) -> builtins.list[PeriodicRow]:
+        """Every periodic task's state, by name."""
+        return [PeriodicRow(*r) for r in await self._fetch(self._sql["periodic"])]
 
 
 # --------------------------------------------------------------------------- flow control

@@ -22,6 +22,23 @@ async def bare(n: int) -> int:
     return n
 
 
+@manager.periodic("*/5 * * * *", name="cleanup")
+async def cleanup() -> int:
+    return 0
+
+
+@registry.periodic(every=60, name="poll", missed="skip")
+async def poll() -> None:
+    pass
+
+
+async def check_periodic() -> None:
+    now: TaskHandle[int] = await cleanup.submit()  # run a periodic task now, by hand
+    count: int = await cleanup()
+    await cleanup.submit(1)  # type: ignore[call-arg]
+    del now, count
+
+
 async def check_submit() -> None:
     handle: TaskHandle[str] = await send_email.submit("a@example.com", subject="hi")
     result: str = await handle
@@ -31,7 +48,10 @@ async def check_submit() -> None:
     number: int = await (await bare.submit(1))
     inline: str = await send_email("a@example.com", "hi")
     by_function: str = await (await manager.submit(send_email.fn, "a", "b"))
-    del result, same, also, number, inline, by_function
+    many: list[TaskHandle[str]] = await send_email.submit_many([{"to": "a", "subject": "b"}])
+    optioned_many: list[TaskHandle[str]] = await send_email.options(priority=1).submit_many([])
+    from_manager: list[TaskHandle[int]] = await manager.submit_many(bare, [{"n": 1}])
+    del result, same, also, number, inline, by_function, many, optioned_many, from_manager
 
 
 async def check_rejected() -> None:

@@ -99,6 +99,8 @@ from .._protocol import (
     InspectableJournal,
     LivenessJournal,
     NotifyingJournal,
+    PeriodicJournal,
+    PeriodicRow,
     TaskRow,
 )
 from .._sql import (
@@ -106,6 +108,7 @@ from .._sql import (
     COLUMNS,
     Op,
     SQLJournal,
+    check_batch,
     check_fields,
     check_seconds,
     close_all,
@@ -116,8 +119,10 @@ from .._sql import (
 from ._listen import Listener
 from ._ops import (
     OPS,
+    _AdvancePeriodic,
     _Apply,
     _Insert,
+    _InsertMany,
     _LimitedApply,
     _Op,
     _Tx,
@@ -190,7 +195,12 @@ _SETTLE: Final = 2.0
 
 
 class PostgresJournal(
-    SQLJournal, NotifyingJournal, InspectableJournal, LivenessJournal, ClockedJournal
+    SQLJournal,
+    NotifyingJournal,
+    InspectableJournal,
+    LivenessJournal,
+    ClockedJournal,
+    PeriodicJournal,
 ):
     """A journal in a PostgreSQL schema, shared by every manager that opens it.
 
@@ -539,6 +549,21 @@ class PostgresJournal(
 
     async def insert(self, row: TaskRow) -> TaskRow:
         result: TaskRow = await self._write(_Insert(row))
+        return result
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """``Journal.insert_many``: one operation of a batch (so of one transaction), two
+        statements (the rows from one array per column, then their history lines)."""
+        batch = check_batch(rows)
+        if not batch:
+            return []
+        result: list[TaskRow] = await self._write(_InsertMany(batch))
+        return result
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """``PeriodicJournal.advance_periodic``: a conditional UPDATE (or the first
+        INSERT) of the periodic row, then the tick's task, in the batch's transaction."""
+        result: bool = await self._write(_AdvancePeriodic(state, row))
         return result
 
     async def apply(self, change: Change) -> bool:

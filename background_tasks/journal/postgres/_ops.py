@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from .._protocol import Change, TaskRow
+from .._protocol import Change, PeriodicRow, TaskRow
 from .._sql import (
     STATUS_INDEX,
     Op,
@@ -114,6 +114,82 @@ class _Insert(_Op):
              row.owner, row.error_json)
         )  # fmt: skip
         return row
+
+
+class _InsertMany(_Op):
+    """``insert_many``: all rows in one INSERT from one array per column, and all
+    their history lines in one more (two statements, whatever the count)."""
+
+    __slots__ = ("rows",)
+    rank = 0
+
+    def __init__(self, rows: list[TaskRow]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def describe(self) -> str:
+        return f"insert {len(self.rows)} tasks"
+
+    def run(self, tx: _Tx) -> list[TaskRow]:
+        tx.flush()
+        rows = self.rows
+        columns: list[list[Any]] = [list(c) for c in zip(*map(row_values, rows), strict=True)]
+        columns[STATUS_INDEX] = [status.value for status in columns[STATUS_INDEX]]
+        sql = tx.j._sql
+        tx.cur.execute(sql["insert_rows"], (tx.j._owner, *columns))
+        history = (
+            [r.id for r in rows], [r.version for r in rows], [None] * len(rows),
+            [r.status.value for r in rows], [r.attempts for r in rows],
+            [r.created_at for r in rows], [r.owner for r in rows], [r.error_json for r in rows],
+        )  # fmt: skip
+        tx.cur.execute(sql["insert_history_rows"], history)
+        tx.touched += [r.id for r in rows]
+        return rows
+
+
+class _AdvancePeriodic(_Op):
+    """``advance_periodic``: the periodic row from the version its writer saw, and the
+    tick's task with it (a plain insert: a live task holding its key fails it all).
+    First in a batch (rank -1, by name): it locks the periodic row before any task's."""
+
+    __slots__ = ("row", "state")
+    rank = -1
+
+    def __init__(self, state: PeriodicRow, row: TaskRow | None) -> None:
+        super().__init__()
+        self.state = state
+        self.row = row
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (-1, self.state.name)
+
+    def describe(self) -> str:
+        return f"advance periodic task {self.state.name}"
+
+    def run(self, tx: _Tx) -> bool:
+        tx.flush()
+        s, sql = self.state, tx.j._sql
+        values = (s.schedule, s.last_tick, s.next_tick, s.task_id)
+        if s.version == 1:
+            found = tx.cur.execute(sql["periodic_first"], (s.name, *values)).fetchone()
+        else:
+            params = (*values, s.name, s.version - 1)
+            found = tx.cur.execute(sql["periodic_advance"], params).fetchone()
+        if found is None:
+            return False
+        row = self.row
+        if row is not None:
+            task = list(row_values(row))
+            task[STATUS_INDEX] = row.status.value
+            task.append(tx.j._owner)
+            tx.inserts.append(tuple(task))
+            tx.touched.append(row.id)
+            tx.history.append(
+                (row.id, row.version, None, row.status.value, row.attempts, row.created_at,
+                 row.owner, row.error_json)
+            )  # fmt: skip
+        return True
 
 
 class _Apply(_Op):

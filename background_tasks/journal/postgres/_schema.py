@@ -94,6 +94,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE @.starts (queue text NOT NULL, at double precision NOT NULL)",
         "CREATE INDEX starts_queue_at ON @.starts (queue, at)",
     ),
+    # 2 -> 3, periodic tasks (see the SQLite journal's migration 3).
+    (
+        """CREATE TABLE @.periodic (
+            name text COLLATE "C" PRIMARY KEY,
+            schedule text NOT NULL,
+            last_tick double precision NOT NULL,
+            next_tick double precision NOT NULL,
+            task_id text,
+            version bigint NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this code writes; a schema with a newer one is refused at open.
@@ -109,12 +120,28 @@ _HISTORY_CONFLICT: Final = (
 )
 
 
+#: Each column's type, for the arrays ``insert_many`` sends (one per column).
+_TYPES: Final = {
+    "priority": "bigint", "attempts": "bigint", "max_attempts": "bigint",
+    "recoveries": "bigint", "version": "bigint", "created_at": "float8",
+    "scheduled_at": "float8", "started_at": "float8", "finished_at": "float8",
+    "lease_until": "float8", "cancel_requested": "boolean",
+}  # fmt: skip
+_HISTORY_TYPES: Final = ("text", "bigint", "text", "text", "bigint", "float8", "text", "text")
+
+
 def statements(s: str) -> dict[str, str]:
     """Every statement of the journal but ``apply``'s, by name, for the schema ``s`` (quoted)."""
     returning = " RETURNING " + _COLS
     sql = {
         "insert": f"INSERT INTO @.tasks ({_COLS}, rev, writer)"
         f" VALUES ({', '.join(['%s'] * len(COLUMNS))}, 0, %s)",
+        # insert_many: every row in one statement, from one array per column.
+        "insert_rows": f"INSERT INTO @.tasks ({_COLS}, rev, writer) SELECT u.*, 0, %s FROM"
+        " unnest(" + ", ".join(f"%s::{_TYPES.get(c, 'text')}[]" for c in COLUMNS) + ") AS u",
+        "insert_history_rows": "INSERT INTO @.history SELECT * FROM unnest("
+        + ", ".join(f"%s::{t}[]" for t in _HISTORY_TYPES)
+        + ")",
         "live_key": f"SELECT {_COLS} FROM @.tasks WHERE key = %s AND status IN {LIVE_SQL}",
         "insert_history": "INSERT INTO @.history VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         + _HISTORY_CONFLICT,
@@ -156,6 +183,14 @@ def statements(s: str) -> dict[str, str]:
         f" WHERE finished_at >= %s AND status IN {TERMINAL_SQL} GROUP BY status",
         "oldest": f"SELECT {_COLS} FROM @.tasks WHERE status = %s ORDER BY id LIMIT 1",
         "waiting_by_queue": waiting_by_queue_sql("@.tasks", "%s"),
+        "periodic": "SELECT name, schedule, last_tick, next_tick, task_id, version"
+        " FROM @.periodic ORDER BY name",
+        "periodic_first": "INSERT INTO @.periodic"
+        " (name, schedule, last_tick, next_tick, task_id, version)"
+        " VALUES (%s, %s, %s, %s, %s, 1) ON CONFLICT (name) DO NOTHING RETURNING version",
+        "periodic_advance": "UPDATE @.periodic SET schedule = %s, last_tick = %s,"
+        " next_tick = %s, task_id = %s, version = version + 1"
+        " WHERE name = %s AND version = %s RETURNING version",
     }
     insert_keyed = sql["insert"] + (
         f" ON CONFLICT (key) WHERE key IS NOT NULL AND status IN {LIVE_SQL} DO NOTHING"

@@ -65,15 +65,28 @@ from .._protocol import (
     ClaimingJournal,
     InspectableJournal,
     LivenessJournal,
+    PeriodicJournal,
+    PeriodicRow,
     TaskRow,
 )
-from .._sql import COLUMNS, Op, SQLJournal, check_seconds, close_all, not_open, to_row
+from .._sql import (
+    COLUMNS,
+    Op,
+    SQLJournal,
+    check_batch,
+    check_seconds,
+    close_all,
+    not_open,
+    to_row,
+)
 from ._batch import _MAX_ROWS, _SET_BASED, _Shape, _Writer
 from ._ops import (
     OPS,
+    _AdvancePeriodic,
     _Apply,
     _ApplySoon,
     _Insert,
+    _InsertMany,
     _Op,
 )
 from ._owners import OwnerLocks
@@ -112,7 +125,12 @@ def _is_busy(exc: BaseException) -> bool:
 
 
 class SQLiteJournal(
-    SQLJournal, ClaimingJournal, BatchingJournal, InspectableJournal, LivenessJournal
+    SQLJournal,
+    ClaimingJournal,
+    BatchingJournal,
+    InspectableJournal,
+    LivenessJournal,
+    PeriodicJournal,
 ):
     """A journal in one SQLite file (WAL mode), safe to share between processes.
 
@@ -401,12 +419,29 @@ class SQLiteJournal(
             what = f"apply {op.shape.source}->{op.shape.target} to task {op.change.task_id}"
         elif isinstance(op, _Insert):
             what = f"insert task {op.row.id}"
+        elif isinstance(op, _InsertMany):
+            what = f"insert {len(op.inserts)} tasks"
         error = JournalError(f"cannot {what} in journal {self.path}: {exc}")
         error.__cause__ = exc
         return error
 
     def insert(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
         return self._write(_Insert(row))
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> builtins.list[TaskRow]:
+        """``Journal.insert_many``: one operation, so one transaction (of the batch it
+        joins); its rows are written set-based with the batch's other inserts."""
+        batch = check_batch(rows)
+        if not batch:
+            return []
+        result: list[TaskRow] = await self._write(_InsertMany(batch))
+        return result
+
+    async def advance_periodic(self, state: PeriodicRow, row: TaskRow | None) -> bool:
+        """``PeriodicJournal.advance_periodic``: one operation (a conditional UPDATE, or
+        the first INSERT, then the tick's task) in the batch's transaction."""
+        result: bool = await self._write(_AdvancePeriodic(state, row))
+        return result
 
     def insert_claimed(self, row: TaskRow) -> Coroutine[Any, Any, TaskRow]:
         """``ClaimingJournal.insert_claimed``: without a key, one set-based INSERT for all

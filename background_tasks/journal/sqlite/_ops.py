@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..._errors import InvalidTransition
-from .._protocol import Change, TaskRow
+from .._protocol import Change, PeriodicRow, TaskRow
 from .._sql import (
     LIVE,
     STATUS_INDEX,
@@ -113,6 +113,68 @@ class _Insert(_Op):
         w.conn.execute(_INSERT, (*self.values(), w.rev, w.owner))
         self.history(w.history)
         return row
+
+
+class _InsertMany(_Op):
+    """``insert_many``: every row goes with the batch's other plain inserts (one
+    set-based INSERT per ``_MAX_ROWS`` rows, ``_Writer.flush``); a failure of any row
+    fails the whole operation alone (the careful replay's SAVEPOINT undoes them all)."""
+
+    __slots__ = ("inserts",)
+
+    def __init__(self, rows: list[TaskRow]) -> None:
+        super().__init__()
+        self.inserts = [_Insert(row) for row in rows]
+
+    def add(self, w: _Writer) -> None:
+        inserts = self.inserts
+        w.touched.update(op.row.id for op in inserts)
+        w.inserts += inserts
+        self.result = [op.row for op in inserts]
+
+    def run(self, w: _Writer) -> list[TaskRow]:
+        if w.grouped:
+            w.inserts += self.inserts
+            w.flush()
+        else:
+            for op in self.inserts:
+                op.run(w)
+        return [op.row for op in self.inserts]
+
+
+class _AdvancePeriodic(_Op):
+    """``advance_periodic``: the periodic row from the version its writer saw, and the
+    tick's task with it (a plain insert: a live task holding its key fails it all)."""
+
+    __slots__ = ("row", "state")
+    _insert = (
+        "INSERT INTO periodic (name, schedule, last_tick, next_tick, task_id, version)"
+        " VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (name) DO NOTHING"
+    )
+    _update = (
+        "UPDATE periodic SET schedule = ?, last_tick = ?, next_tick = ?, task_id = ?,"
+        " version = version + 1 WHERE name = ? AND version = ?"
+    )
+
+    def __init__(self, state: PeriodicRow, row: TaskRow | None) -> None:
+        super().__init__()
+        self.state = state
+        self.row = row
+
+    def run(self, w: _Writer) -> bool:
+        s = self.state
+        values = (s.schedule, s.last_tick, s.next_tick, s.task_id)
+        if s.version == 1:
+            done = w.conn.execute(self._insert, (s.name, *values)).rowcount
+        else:
+            done = w.conn.execute(self._update, (*values, s.name, s.version - 1)).rowcount
+        if not done:
+            return False
+        if self.row is not None:
+            insert = _Insert(self.row)
+            w.conn.execute(_INSERT, (*insert.values(), w.rev, w.owner))
+            insert.history(w.history)
+        return True
 
 
 class _Apply(_Op):

@@ -88,6 +88,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE starts (queue TEXT NOT NULL, at REAL NOT NULL)",
         "CREATE INDEX starts_queue_at ON starts (queue, at)",
     ),
+    # 2 -> 3, periodic tasks: one row per name, advanced by a conditional UPDATE (on
+    # version) in the same transaction as the task of the tick it fires.
+    (
+        """CREATE TABLE periodic (
+            name TEXT PRIMARY KEY NOT NULL,
+            schedule TEXT NOT NULL,
+            last_tick REAL NOT NULL,
+            next_tick REAL NOT NULL,
+            task_id TEXT,
+            version INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    ),
 )
 
 #: The schema version this code writes; a journal with a newer one is refused at open.
@@ -124,6 +136,8 @@ _SQL: Final = {
     " GROUP BY status",
     "oldest": _SELECT + " WHERE status = ? ORDER BY id LIMIT 1",
     "waiting_by_queue": waiting_by_queue_sql("tasks", "?"),
+    "periodic": "SELECT name, schedule, last_tick, next_tick, task_id, version FROM periodic"
+    " ORDER BY name",
 }
 
 #: Page cache per connection, in KiB (negative: SQLite's unit for "KiB, not pages").
