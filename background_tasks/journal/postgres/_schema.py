@@ -125,7 +125,7 @@ _TYPES: Final = {
     "priority": "bigint", "attempts": "bigint", "max_attempts": "bigint",
     "recoveries": "bigint", "version": "bigint", "created_at": "float8",
     "scheduled_at": "float8", "started_at": "float8", "finished_at": "float8",
-    "lease_until": "float8", "cancel_requested": "boolean",
+    "lease_until": "float8", "cancel_requested": "boolean", "shared": "boolean",
 }  # fmt: skip
 _HISTORY_TYPES: Final = ("text", "bigint", "text", "text", "bigint", "float8", "text", "text")
 
