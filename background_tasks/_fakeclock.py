@@ -353,6 +353,8 @@ class FakeClock:
         finally:
             self._probes.remove(idle)
             self._waiting.remove(waiting)
+            if not self._probes:  # events of this event loop: the next run may be another
+                self._driver_gone = self._pushed = None
 
     async def _autojump_loop(self) -> None:
         on_trio = _on_trio()
