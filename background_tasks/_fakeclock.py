@@ -24,7 +24,6 @@ import asyncio
 import heapq
 import itertools
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +32,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._clock import HEARTBEAT, UPKEEP, WORK, Alarm
+from ._clock import HEARTBEAT, UPKEEP, WORK, Alarm, system_clock
 
 __all__ = ["FakeClock"]
 
@@ -181,7 +180,7 @@ class FakeClock:
 
     def __init__(self, start: float | datetime | None = None, *, autojump: bool = False) -> None:
         if start is None:
-            wall = time.time()
+            wall = system_clock.time()  # the real time, once
         elif isinstance(start, datetime):
             if start.tzinfo is None:
                 raise ValueError("start must be an aware datetime (with tzinfo)")
@@ -353,6 +352,8 @@ class FakeClock:
         finally:
             self._probes.remove(idle)
             self._waiting.remove(waiting)
+            if not self._probes:  # events of this event loop: the next run may be another
+                self._driver_gone = self._pushed = None
 
     async def _autojump_loop(self) -> None:
         on_trio = _on_trio()

@@ -434,49 +434,65 @@ class BackgroundTaskManager:
         self._left_unfinished = 0
         self._writer.spawn = tg.start_soon
         self._outcomes.live = True
+        self._workers_done = anyio.Event()
         try:
             if sync is not None:
                 await sync.recover()
                 await tg.start(sync.serve)
-        except BaseException:
-            self._outcomes.live = False
-            await self._host.close()
-            await journal.close()  # type: ignore[union-attr]
+            if self.run_tasks:
+                self._workers_left = self.max_concurrency
+                self._workers_started = 0
+                for _ in range(self.max_concurrency):
+                    tg.start_soon(self._worker)
+                await tg.start(self._dispatch.timer)
+                # Return once each worker took work or waits for it, so a first submit
+                # finds them idle.
+                while self._workers_started < self.max_concurrency:
+                    await anyio.lowlevel.checkpoint()
+            else:  # submit and watch only: the journal's other managers run the tasks
+                self._workers_left = 0
+                self._workers_done.set()
+            drive = getattr(self.clock, "drive", None)  # a test clock's own task (FakeClock)
+            if drive is not None:
+                tg.start_soon(drive, self._quiet, self._untaken)
+            if periodics:
+                scheduler = Scheduler(
+                    periodics,
+                    self.registry,
+                    journal if isinstance(journal, PeriodicJournal) else None,
+                    self._writer,
+                    self._table,
+                    self._dispatch,
+                    sync,
+                    self.default_timeout,
+                    self.default_retry,
+                    self.run_tasks,
+                    self._now,
+                )
+                tg.start_soon(scheduler.run)
+        except BaseException:  # cancelled, or a part crashed while starting: undo it all
+            await self._abandon_start()
             raise
-        self._workers_done = anyio.Event()
-        if self.run_tasks:
-            self._workers_left = self.max_concurrency
-            self._workers_started = 0
-            for _ in range(self.max_concurrency):
-                tg.start_soon(self._worker)
-            await tg.start(self._dispatch.timer)
-            # Return once each worker took work or waits for it, so a first submit finds
-            # them idle.
-            while self._workers_started < self.max_concurrency:
-                await anyio.lowlevel.checkpoint()
-        else:  # submit and watch only: the journal's other managers run the tasks
-            self._workers_left = 0
-            self._workers_done.set()
-        drive = getattr(self.clock, "drive", None)  # a test clock's own task (FakeClock)
-        if drive is not None:
-            tg.start_soon(drive, self._quiet, self._untaken)
-        if periodics:
-            scheduler = Scheduler(
-                periodics,
-                self.registry,
-                journal if isinstance(journal, PeriodicJournal) else None,
-                self._writer,
-                self._table,
-                self._dispatch,
-                sync,
-                self.default_timeout,
-                self.default_retry,
-                self.run_tasks,
-                self._now,
-            )
-            tg.start_soon(scheduler.run)
         self._phase = _Phase.RUNNING
         return self
+
+    async def _abandon_start(self) -> None:
+        """Stop what ``__aenter__`` started before it failed: the workers (shielded, they
+        stop only when told), the rest of the group, the journal."""
+        self._outcomes.live = False
+        self._dispatch.stop()
+        for task in list(self._table.running):  # recovered tasks a worker already began
+            task.interrupted = True
+            if task.scope is not None:
+                task.scope.cancel()
+        try:
+            await self._host.close()  # raises what crashed, if anything did
+        finally:
+            self._tg = None
+            self._writer.spawn = None
+            if self.journal is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.journal.close()
 
     async def __aexit__(
         self,

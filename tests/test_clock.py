@@ -533,3 +533,22 @@ async def test_advance_waits_for_an_automatic_jump_in_progress() -> None:
         await manager.join(timeout=10)
     assert len(ran) == 20
     assert ran == sorted(ran)
+
+
+def test_one_fake_clock_across_event_loops() -> None:
+    """A clock made once (a module-level fixture) serves managers on successive loops,
+    as pytest-asyncio's function-scoped loops are."""
+    clock = FakeClock(START, autojump=True)
+
+    async def job() -> float:
+        return clock.monotonic()
+
+    async def one_test(delay: float) -> float:
+        async with BackgroundTaskManager(clock=clock) as manager:
+            value = await (await manager.submit(job, delay=delay)).result(timeout=5)
+            await anyio.sleep(0.05)  # the clock idles, waiting for something to be due
+            return value
+
+    assert anyio.run(one_test, 10.0) == 10
+    assert anyio.run(one_test, 5.0) == 15
+    assert anyio.run(one_test, 5.0, backend="trio") == 20
