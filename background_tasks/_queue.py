@@ -575,10 +575,30 @@ class ReadyQueue:
             lock = self._locks.get(task.lock)
             if lock is not None and lock.head is task and lock.running:
                 lock.running = False
-                if not lock.parked:  # a refused head keeps its place
+                if lock.parked and self._comes_first(lock, task):
+                    # The journal refused the head because a task of the lock comes
+                    # first, and that task waits here (it arrived while the head's claim
+                    # was in flight, say, a dead owner's task taken over): it becomes the
+                    # head, or neither would ever be claimed.
+                    self._unpark(task)
+                    task.seq = -1
+                    self.size -= 1
+                    self._wait(lock, task)
+                    lock.head = None
+                    freed = self._next_head(lock) or freed
+                elif not lock.parked:  # a refused head keeps its place
                     lock.head = None
                     freed = self._next_head(lock) or freed
         return freed
+
+    @staticmethod
+    def _comes_first(lock: _Lock, head: Task) -> bool:
+        """Whether a live task waiting for ``lock`` comes before its ``head`` (priority,
+        then submission order)."""
+        waiting = lock.waiting
+        while waiting and waiting[0][3].seq != waiting[0][2]:
+            heapq.heappop(waiting)  # stale: discarded, or already moved on
+        return bool(waiting) and waiting[0][:2] < (-head.priority, head.id)
 
     # ------------------------------------------------------------------ figures
 

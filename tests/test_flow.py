@@ -370,3 +370,29 @@ async def test_partitions_keep_priority_and_skip_cancelled_tasks() -> None:
     assert order.index("a2") < order.index("a3")
     assert "a1" not in order
     assert manager.statistics().queued == 0
+
+
+def test_a_refused_lock_head_yields_to_a_task_that_came_first_meanwhile() -> None:
+    """The head of a lock is being claimed when a task of the same lock that comes first
+    arrives (a dead owner's task taken over, say): the journal refuses the head's claim
+    for the lock, and the first task must become the head, or neither is ever claimed."""
+    from background_tasks._queue import LOCK, ReadyQueue
+    from background_tasks._task import Task
+
+    def task(task_id: str) -> Task:
+        t = Task(task_id, "t", None, (), None, "default", 0, None, None, None, 1.0, 1.0)
+        t.lock = "k"
+        return t
+
+    queue = ReadyQueue({})
+    later, first = task("b"), task("a")  # "a" was submitted first (ids sort by creation)
+    queue.push(later)
+    assert queue.pop() is later  # its claim is in flight
+    queue.push(first)  # waits for the lock meanwhile
+    assert queue.pop() is None
+    queue.park(later, LOCK, due=10.0**9)  # the journal refused it: "a" comes first
+    queue.release(later)
+    assert queue.pop() is first
+    assert queue.pop() is None  # "b" waits behind it now
+    queue.release(first)  # "a" ran and freed the lock
+    assert queue.pop() is later

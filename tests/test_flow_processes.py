@@ -202,9 +202,17 @@ async def test_a_killed_lock_holder_lets_the_next_start_only_after_the_takeover(
         (victim,) = [c for c in children if c.pid == first["pid"]]
         killed_at = time.time()
         victim.kill9()
-        with anyio.fail_after(30):
-            for handle in [holder, *nexts]:
-                await handle
+        try:
+            with anyio.fail_after(30):
+                for handle in [holder, *nexts]:
+                    await handle
+        except TimeoutError:  # say what the journal holds: the test's evidence
+            rows = [await submitter.get(h.id) for h in [holder, *nexts]]
+            seen = [(r.name if r else None, r.status if r else None, r.owner if r else None,
+                     r.attempts if r else None) for r in rows]  # fmt: skip
+            lines = [(h.source, h.target, h.owner) for h in await submitter.history(holder.id)]
+            errs = {c.label: c.err.read_text()[-2000:] for c in children}
+            raise AssertionError(f"no takeover: {seen} {lines} {errs}") from None
         history = await submitter.history(holder.id)
     takeover = next(h.at.timestamp() for h in history if h.source is TaskStatus.RUNNING)
     assert takeover >= killed_at
