@@ -4,12 +4,14 @@ few written with pytest-asyncio, as an application's would be, say so)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+
+from background_tasks import BackgroundTaskManager, SQLiteJournal
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -44,3 +46,17 @@ def debug_events() -> Iterator[list[MutableMapping[str, Any]]]:
             yield logs
     finally:
         logger.setLevel(old)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_manager(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[..., BackgroundTaskManager]:
+    """A manager in memory or on a SQLite journal of this test (same file every call)."""
+
+    def make(**options: Any) -> BackgroundTaskManager:
+        if request.param == "sqlite":
+            options.setdefault("journal", SQLiteJournal(tmp_path / "tasks.db"))
+        return BackgroundTaskManager(**options)
+
+    return make

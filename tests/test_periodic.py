@@ -7,10 +7,9 @@ random: ``tests/test_periodic_processes.py``."""
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -234,17 +233,8 @@ def fired_ticks(manager: BackgroundTaskManager, name: str) -> list[str]:
 
 
 @pytest.fixture
-def events() -> Iterator[list[MutableMapping[str, Any]]]:
-    import structlog
-
-    logger = logging.getLogger("background_tasks")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            yield logs
-    finally:
-        logger.setLevel(old)
+def events(debug_events: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return debug_events  # conftest's: every library event, at DEBUG
 
 
 @pytest.mark.anyio
@@ -349,18 +339,6 @@ async def test_while_a_ticks_task_is_unfinished_later_ticks_are_skipped(
 
 
 # ------------------------------------------------------------------ real managers
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def make_manager(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Callable[..., BackgroundTaskManager]:
-    def make(**options: Any) -> BackgroundTaskManager:
-        if request.param == "sqlite":
-            options.setdefault("journal", SQLiteJournal(tmp_path / "tasks.db"))
-        return BackgroundTaskManager(**options)
-
-    return make
 
 
 def consecutive(tick_times: list[float], step: float) -> bool:

@@ -30,20 +30,6 @@ from background_tasks import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def make_manager(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Callable[..., BackgroundTaskManager]:
-    """A manager in memory or on a SQLite journal of this test (same file every call)."""
-
-    def make(**options: Any) -> BackgroundTaskManager:
-        if request.param == "sqlite":
-            options.setdefault("journal", SQLiteJournal(tmp_path / "tasks.db"))
-        return BackgroundTaskManager(**options)
-
-    return make
-
-
 # ------------------------------------------------------------------ submit(at=)
 
 

@@ -27,6 +27,8 @@ import anyio
 from background_tasks import BackgroundTaskManager, Queue, SQLiteJournal, current_task
 from background_tasks.journal import Journal
 
+from .tasks import append
+
 QUEUES = {
     "a": Queue(),
     "b": Queue(),
@@ -34,16 +36,6 @@ QUEUES = {
     "rate5": Queue(rate="5/s", shared=True),
     "parts": Queue(per_partition=1, shared=True),
 }
-
-
-def append(path: str, **fields: object) -> None:
-    line = (json.dumps(fields, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def journal(target: str, schema: str | None, lease: float) -> Journal:
